@@ -1,0 +1,1 @@
+"""Run folder -> bundle (TorchScript, ONNX, manifest), parity checks, bundle loading, Triton export."""

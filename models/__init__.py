@@ -1,0 +1,1 @@
+"""Feature schema, data, embeddings (full, hash, LMA), DLRM, training and evaluation."""

@@ -1,0 +1,129 @@
+"""Run folders: ``model.safetensors`` (weights and tables, never pickle) + ``config.json``.
+
+``config.json`` holds everything needed to rebuild the model with empty tables of the right shape
+(feature schema, DLRM config, embedding config, sizes); the weights then fill them exactly.
+:func:`memory_accounting` is the one implementation of DESIGN section 4's honest memory numbers,
+used by training, export and the server alike.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.dlrm import DLRM, CTRModel, DLRMConfig, build_embedding
+from models.embeddings import FLOAT_BYTES, EmbeddingConfig
+from models.schema import FeatureSchema
+
+RUN_FORMAT = "lma-run/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class RunConfig:
+    """What a run folder's config.json holds."""
+
+    schema: FeatureSchema
+    model: DLRMConfig
+    embedding: EmbeddingConfig
+    full_embedding_bytes: int  # distinct training tokens x D x 4
+    distinct_tokens: int
+    vocab_size: int = 0  # full kind only
+    table_buckets: int = 0  # full kind only (vocabulary index)
+    data_format: str = "criteo"
+    extra: dict[str, Any] = field(default_factory=dict)  # training settings, data statistics, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RUN_FORMAT,
+            "schema": self.schema.to_dict(),
+            "model": self.model.to_dict(),
+            "embedding": self.embedding.to_dict(),
+            "sizes": {
+                "full_embedding_bytes": self.full_embedding_bytes,
+                "distinct_tokens": self.distinct_tokens,
+                "vocab_size": self.vocab_size,
+                "table_buckets": self.table_buckets,
+            },
+            "data_format": self.data_format,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        if d.get("format") != RUN_FORMAT:
+            raise ValueError(f"config format {d.get('format')!r} is not {RUN_FORMAT!r}")
+        sizes = d["sizes"]
+        known = {"format", "schema", "model", "embedding", "sizes", "data_format"}
+        return cls(
+            schema=FeatureSchema.from_dict(d["schema"]),
+            model=DLRMConfig.from_dict(d["model"]),
+            embedding=EmbeddingConfig.from_dict(d["embedding"]),
+            full_embedding_bytes=int(sizes["full_embedding_bytes"]),
+            distinct_tokens=int(sizes["distinct_tokens"]),
+            vocab_size=int(sizes.get("vocab_size", 0)),
+            table_buckets=int(sizes.get("table_buckets", 0)),
+            data_format=str(d.get("data_format", "criteo")),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+def build_model(cfg: RunConfig) -> CTRModel:
+    """A model with the config's shapes (weights random, tables empty until loaded)."""
+    embedding = build_embedding(
+        cfg.embedding, cfg.model.num_fields, cfg.full_embedding_bytes, cfg.vocab_size, cfg.table_buckets
+    )
+    return CTRModel(DLRM(cfg.model, embedding))
+
+
+def save_run(run_dir: Path, model: CTRModel, cfg: RunConfig) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = run_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / WEIGHTS_FILE)  # never leave a half-written checkpoint behind
+    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def load_run(run_dir: Path) -> tuple[CTRModel, RunConfig]:
+    """Rebuild the model of a run folder from config.json and model.safetensors (eval mode)."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run folder: {name} is missing")
+    try:
+        cfg = RunConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{run_dir / CONFIG_FILE}: {e}") from e
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)), strict=True)
+    model.eval()
+    return model, cfg
+
+
+def memory_accounting(model: CTRModel, full_embedding_bytes: int) -> dict[str, Any]:
+    """DESIGN section 4: full vs this model's embedding bytes, dense bytes, both compressions.
+
+    ``embedding_bytes`` counts every byte the embedding carries: for ``hash``/``lma`` the shared
+    memory, the whole signature table (keys, values, empty slots) and the hash seeds; for ``full``
+    its table and its in-graph vocabulary index.
+    """
+    emb = model.dlrm.embedding
+    parts = {k: int(v) for k, v in emb.memory_parts().items()}
+    embedding_bytes = sum(parts.values())
+    dense_bytes = sum(p.numel() * FLOAT_BYTES for n, p in model.named_parameters() if not n.startswith("dlrm.embedding."))
+    return {
+        "kind": emb.config.kind,
+        "full_embedding_bytes": int(full_embedding_bytes),
+        "embedding_bytes": embedding_bytes,
+        "embedding_parts": parts,
+        "dense_bytes": int(dense_bytes),
+        "total_bytes": embedding_bytes + int(dense_bytes),
+        "embedding_compression": full_embedding_bytes / embedding_bytes,
+        "model_compression": (full_embedding_bytes + dense_bytes) / (embedding_bytes + dense_bytes),
+    }

@@ -1,0 +1,91 @@
+"""`lma synth`, `lma train`, `lma study`: the data and training subcommands.
+
+Registration imports nothing heavy; each handler imports what it needs.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from models.data import FORMATS
+from models.dlrm import PRESETS
+from models.embeddings import KINDS, SEMANTIC_MODES
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("synth", help="write a synthetic Criteo-format TSV (see docs/DATA.md)")
+    p.add_argument("--rows", type=int, required=True, help="rows to write")
+    p.add_argument("--out", type=Path, required=True, help="output file (.gz compresses)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=0.001, help="factor on Criteo Kaggle's per-field cardinalities")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("train", help="train a DLRM on a data file and write a run folder")
+    add_train_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("study", help="full / hash / lma over a list of compressions, everything else equal")
+    add_train_arguments(p)
+    p.add_argument("--compressions", type=str, default="4,8,16,32,64", help="comma-separated list")
+    p.add_argument("--kinds", type=str, default="full,hash,lma", help="comma-separated list")
+    p.add_argument("--seeds", type=str, default="0", help="comma-separated training seeds (spreads)")
+    p.add_argument("--out", type=Path, required=True, help="study folder (runs, table, plot)")
+    p.set_defaults(func=_study)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("data")
+    d.add_argument("--data", type=Path, required=True, help="data file (plain or .gz)")
+    d.add_argument("--format", choices=FORMATS, default="criteo")
+    d.add_argument("--split", choices=("order", "random"), default="order", help="order: last rows validate/test")
+    d.add_argument("--val-fraction", type=float, default=0.1)
+    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--max-rows", type=int, default=0, help="read at most this many rows (0: all)")
+    d.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="parsed-array cache")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    m.add_argument("--embedding", choices=KINDS, default="lma")
+    m.add_argument("--dim", type=int, default=0, help="embedding dimension (0: the preset's)")
+    m.add_argument("--compression", type=float, default=16.0)
+    m.add_argument("--block-size", type=int, default=0, help="Z (0: gcd(8, dim))")
+    m.add_argument("--per-block", type=int, default=8, help="K: packed values per block's bucket key")
+    m.add_argument("--bits", type=int, default=4, help="b: bits per packed minhash value")
+    m.add_argument("--num-hashes", type=int, default=15, help="packed minhash values per signature")
+    m.add_argument("--signature-share", type=float, default=0.25, help="budget share of the signature table")
+    m.add_argument("--sample-rows", type=int, default=125_000, help="rows in the minhash sample")
+    m.add_argument("--semantic", choices=SEMANTIC_MODES, default="rows")
+    m.add_argument("--min-count", type=int, default=1)
+    t = p.add_argument_group("training")
+    t.add_argument("--optimizer", choices=("sgd", "adagrad", "adam"), default="adagrad")
+    t.add_argument("--lr", type=float, default=0.0, help="learning rate (0: the optimizer's default)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--patience", type=int, default=1, help="epochs without val AUC gain before stopping")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from models.synth import synthesize
+
+    summary = synthesize(args.out, rows=args.rows, seed=args.seed, scale=args.scale)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.train import TrainSettings, train
+
+    result = train(TrainSettings.from_args(args), args.out)
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from models.study import run_study
+
+    table = run_study(args)
+    print(table)
+    return 0

@@ -1,0 +1,158 @@
+"""DLRM over any embedding of :mod:`models.embeddings`.
+
+    dense (B, n_dense) -> bottom MLP -> (B, D)           (absent when n_dense == 0, e.g. Avazu)
+    keys  (B, F)       -> embedding  -> (B, F, D)
+    pairwise dot products of the F (+1) vectors, upper triangle -> concat bottom output
+    -> top MLP -> one logit; sigmoid gives the click probability.
+
+:class:`CTRModel` is the whole servable model: it takes the graph inputs of every bundle
+(``dense`` float32 (B, n_dense), already ``log1p``-transformed by :func:`models.schema.transform_dense`,
+and ``keys`` int64 (B, F)) and returns ``probability`` float32 (B, 1).
+"""
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from models.embeddings import (
+    EmbeddingConfig,
+    FullEmbedding,
+    SharedMemoryEmbedding,
+    SharedMemoryLayout,
+)
+
+PRESETS: dict[str, dict[str, object]] = {
+    # name: embedding_dim, bottom hidden layers (the last layer -> embedding_dim is added), top hidden
+    "tiny": {"embedding_dim": 4, "bottom": [8], "top": [8]},
+    "small": {"embedding_dim": 16, "bottom": [64, 32], "top": [64, 32]},
+    "criteo-kaggle": {"embedding_dim": 16, "bottom": [512, 256, 64], "top": [512, 256]},
+}
+
+
+@dataclass
+class DLRMConfig:
+    """MLP sizes. ``bottom`` hidden sizes end in a layer to ``embedding_dim``; ``top`` ends in 1."""
+
+    num_dense: int
+    num_fields: int
+    embedding_dim: int
+    bottom: list[int]
+    top: list[int]
+
+    def __post_init__(self) -> None:
+        if self.num_fields < 1:
+            raise ValueError(f"num_fields must be >= 1, got {self.num_fields}")
+        if self.num_dense < 0:
+            raise ValueError(f"num_dense must be >= 0, got {self.num_dense}")
+        if any(h < 1 for h in [*self.bottom, *self.top]):
+            raise ValueError(f"layer sizes must be >= 1, got bottom={self.bottom} top={self.top}")
+
+    @classmethod
+    def from_preset(cls, preset: str, num_dense: int, num_fields: int, embedding_dim: int | None = None) -> "DLRMConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        p = PRESETS[preset]
+        return cls(
+            num_dense=num_dense,
+            num_fields=num_fields,
+            embedding_dim=int(embedding_dim or p["embedding_dim"]),  # type: ignore[call-overload]
+            bottom=list(p["bottom"]),  # type: ignore[call-overload]
+            top=list(p["top"]),  # type: ignore[call-overload]
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> "DLRMConfig":
+        names = {f.name for f in fields(cls)}
+        if set(d) - names:
+            raise ValueError(f"unknown model config entries: {sorted(set(d) - names)}")
+        return cls(**d)  # type: ignore[arg-type]
+
+
+def mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DotInteraction(nn.Module):
+    """Upper triangle (no diagonal) of the pairwise dot products of N vectors."""
+
+    def __init__(self, num_vectors: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
+        self.register_buffer("flat_index", rows * num_vectors + cols)
+        self.num_vectors = num_vectors
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        gram = torch.bmm(vectors, vectors.transpose(1, 2))  # (B, N, N)
+        flat = gram.reshape(vectors.shape[0], self.num_vectors * self.num_vectors)  # (B, N*N)
+        return flat[:, self.flat_index]  # (B, N*(N-1)/2)
+
+
+class DLRM(nn.Module):
+    """Bottom MLP + embedding + dot interaction + top MLP -> logit (B, 1)."""
+
+    def __init__(self, config: DLRMConfig, embedding: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.num_dense = config.num_dense
+        self.has_dense = config.num_dense > 0
+        d = config.embedding_dim
+        self.bottom = mlp([config.num_dense, *config.bottom, d], final_activation=True) if self.has_dense else nn.Sequential()
+        self.embedding = embedding
+        n = config.num_fields + (1 if self.has_dense else 0)
+        self.interaction = DotInteraction(n)
+        top_in = n * (n - 1) // 2 + (d if self.has_dense else 0)
+        self.top = mlp([top_in, *config.top, 1], final_activation=False)
+
+    def forward(self, dense: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit (B, 1), stored (B, F))."""
+        emb, stored = self.embedding(keys)  # (B, F, D), (B, F)
+        if self.has_dense:
+            x = self.bottom(dense)  # (B, D)
+            vectors = torch.cat([x.unsqueeze(1), emb], dim=1)  # (B, F+1, D)
+            features = torch.cat([x, self.interaction(vectors)], dim=1)  # (B, D + pairs)
+        else:
+            features = self.interaction(emb)  # (B, pairs)
+        return self.top(features), stored  # (B, 1)
+
+
+class CTRModel(nn.Module):
+    """The servable graph.
+
+    Inputs: ``dense`` float32 (B, n_dense) (log1p-transformed), ``keys`` int64 (B, F).
+    Outputs: ``probability`` float32 (B, 1) and ``fallback_tokens`` int64 (B,), the number of the
+    row's tokens without a stored signature / vocabulary row (served as a metric).
+    """
+
+    def __init__(self, dlrm: DLRM) -> None:
+        super().__init__()
+        self.dlrm = dlrm
+
+    def forward(self, dense: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, stored = self.dlrm(dense, keys)
+        return torch.sigmoid(logit), (~stored).sum(1)
+
+
+def build_embedding(
+    config: EmbeddingConfig,
+    num_fields: int,
+    full_embedding_bytes: int,
+    vocab_size: int = 0,
+    table_buckets: int = 0,
+) -> nn.Module:
+    """The embedding a config describes, with empty tables of the right shapes.
+
+    ``full`` needs ``vocab_size`` and ``table_buckets`` (from the vocabulary build);
+    ``hash``/``lma`` derive their sizes from ``full_embedding_bytes`` and the compression.
+    """
+    if config.kind == "full":
+        return FullEmbedding(config, num_fields, vocab_size, table_buckets)
+    return SharedMemoryEmbedding(config, num_fields, SharedMemoryLayout.plan(config, full_embedding_bytes))

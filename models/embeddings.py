@@ -1,0 +1,283 @@
+"""Embeddings behind one interface: ``forward(keys (B, F) int64) -> (vectors (B, F, D), stored (B, F))``.
+
+``stored`` is True where the token had a stored entry (an LMA signature, a vocabulary row); the
+servable graph sums its complement into the ``fallback_tokens`` output that feeds the server's
+``lma_fallback_tokens_total`` metric.
+
+- :class:`FullEmbedding` (``full``): one row per training token (vocabulary with a min-count, one
+  OOV row per field), all fields in one table; keys reach rows through an in-graph
+  :class:`~models.hashtable.StaticHashTable`.
+- :class:`SharedMemoryEmbedding` (``hash`` and ``lma``): all fields share ONE 1-D float array M.
+  Every token has a packed signature of ``num_hashes`` values of ``bits`` bits; block t of its
+  vector (``block_size`` = Z coordinates) reads ``M[start : start + Z]``, where ``start`` hashes the
+  ``per_block`` = K values picked for block t (DESIGN section 4, item 4). ``lma`` stores minhash
+  signatures of sampled tokens in a static hash table; every other token (and every token of the
+  ``hash`` kind, whose table is empty) gets a signature hashed from its key, i.e. ROBE-Z style
+  random hashing. So ``hash`` is exactly ``lma`` with an empty signature table.
+
+Both are built from an :class:`EmbeddingConfig` plus sizes; the weights and tables are buffers, so a
+safetensors state dict restores them exactly.
+"""
+
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from typing import List
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import inthash
+from models.hashtable import StaticHashTable, buckets_for_bytes, table_bytes
+
+KINDS = ("full", "hash", "lma")
+SEMANTIC_MODES = ("rows", "context")
+FLOAT_BYTES = 4
+
+
+@dataclass
+class EmbeddingConfig:
+    """Everything that decides an embedding's shape and hashing. Saved in config.json and manifests.
+
+    Args:
+        kind: ``full``, ``hash`` or ``lma``.
+        embedding_dim: D, the vector size per field.
+        compression: for ``hash``/``lma``: full_embedding_bytes / lma_embedding_bytes, the budget
+            counting M *and* the signature table.
+        block_size: Z, consecutive coordinates read per block (divides embedding_dim; 0 picks
+            gcd(8, embedding_dim)).
+        num_hashes: packed minhash values per signature (15 in the reference).
+        bits: bits per packed value (4 in the reference); num_hashes * bits <= 62.
+        per_block: K, packed values combined into a block's bucket key; per_block * bits >= 32.
+        signature_share: at most this share of the byte budget goes to the signature table.
+        slots: slots per bucket of the signature table.
+        max_load: load factor the signature table is filled to at most.
+        sample_rows: rows in the uniform sample minhashes are computed from.
+        semantic: ``rows`` (the paper's set of sample rows) or ``context`` (co-occurring tokens).
+        min_count: a token needs this many sample occurrences for a stored signature (``lma``),
+            or training occurrences for a vocabulary row (``full``).
+        seed: seed of every hash parameter of the embedding.
+    """
+
+    kind: str = "lma"
+    embedding_dim: int = 16
+    compression: float = 16.0
+    block_size: int = 0  # 0: min(8, embedding_dim)
+    num_hashes: int = 15
+    bits: int = 4
+    per_block: int = 8
+    signature_share: float = 0.25
+    slots: int = 4
+    max_load: float = 0.9
+    sample_rows: int = 125_000
+    semantic: str = "rows"
+    min_count: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if not self.compression >= 1.0:
+            raise ValueError(f"compression must be >= 1, got {self.compression}")
+        if self.block_size == 0:
+            self.block_size = math.gcd(8, self.embedding_dim)
+        if self.block_size < 1 or self.embedding_dim % self.block_size:
+            raise ValueError(f"block_size must divide embedding_dim {self.embedding_dim}, got {self.block_size}")
+        if not 1 <= self.bits <= 30:
+            raise ValueError(f"bits must be in [1, 30], got {self.bits}")
+        if self.num_hashes * self.bits > 62:
+            raise ValueError(f"num_hashes * bits must be <= 62 (one int64), got {self.num_hashes}*{self.bits}")
+        if not 1 <= self.per_block <= self.num_hashes:
+            raise ValueError(f"per_block must be in [1, num_hashes={self.num_hashes}], got {self.per_block}")
+        if self.kind != "full" and self.per_block * self.bits < 32:
+            raise ValueError(
+                f"per_block * bits must be >= 32 so a block has far more bucket keys than tokens,"
+                f" got {self.per_block}*{self.bits}"
+            )
+        if self.per_block * 2 ** (31 + self.bits) >= 2**62:
+            raise ValueError(f"per_block={self.per_block} with bits={self.bits} could overflow int64")
+        if not 0.0 <= self.signature_share < 1.0:
+            raise ValueError(f"signature_share must be in [0, 1), got {self.signature_share}")
+        if self.semantic not in SEMANTIC_MODES:
+            raise ValueError(f"semantic must be one of {SEMANTIC_MODES}, got {self.semantic!r}")
+        if self.min_count < 1 or self.sample_rows < 1 or self.slots < 1:
+            raise ValueError("min_count, sample_rows and slots must be >= 1")
+        if not 0.0 < self.max_load <= 1.0:
+            raise ValueError(f"max_load must be in (0, 1], got {self.max_load}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.embedding_dim // self.block_size
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> "EmbeddingConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown embedding config entries: {sorted(unknown)}")
+        return cls(**d)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SharedMemoryLayout:
+    """Sizes of a shared-memory embedding: M floats and the signature table, within a byte budget."""
+
+    memory_size: int  # m, floats in M
+    table_buckets: int  # 0 for ``hash``
+
+    @staticmethod
+    def plan(config: "EmbeddingConfig", full_embedding_bytes: int) -> "SharedMemoryLayout":
+        budget = full_embedding_bytes / config.compression
+        seeds = seed_bytes(config)
+        buckets = 0
+        if config.kind == "lma":
+            buckets = buckets_for_bytes(int(budget * config.signature_share), config.slots)
+        table = table_bytes(buckets, config.slots)
+        m = int((budget - table - seeds) // FLOAT_BYTES)
+        if m < 2 * config.block_size:
+            raise ValueError(
+                f"compression {config.compression} leaves {m} floats of shared memory for"
+                f" {full_embedding_bytes} full-embedding bytes; lower the compression"
+            )
+        if m > inthash.PRIME:
+            raise ValueError(f"shared memory of {m} floats exceeds the hash range 2**31 - 1")
+        return SharedMemoryLayout(memory_size=m, table_buckets=buckets)
+
+
+def seed_bytes(config: EmbeddingConfig) -> int:
+    """Bytes of the hash constants a shared-memory graph carries (fallback, block selection)."""
+    t, k = config.num_blocks, config.per_block
+    return 8 * (3 * inthash.num_fallback_chunks(config.num_hashes * config.bits) + 2 * t * k + t)
+
+
+class SharedMemoryEmbedding(nn.Module):
+    """``hash`` / ``lma`` embedding: blocks of one shared float array, addressed by signatures.
+
+    Args:
+        config: an :class:`EmbeddingConfig` of kind ``hash`` or ``lma``.
+        num_fields: F.
+        layout: sizes from :meth:`SharedMemoryLayout.plan`.
+
+    Example::
+
+        >>> cfg = EmbeddingConfig(kind="hash", embedding_dim=4, block_size=2, compression=2)
+        >>> emb = SharedMemoryEmbedding(cfg, 3, SharedMemoryLayout.plan(cfg, 10_000))
+        >>> emb(torch.tensor([[1, 2, 3]]))[0].shape
+        torch.Size([1, 3, 4])
+    """
+
+    fallback_params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
+
+    def __init__(self, config: EmbeddingConfig, num_fields: int, layout: SharedMemoryLayout) -> None:
+        super().__init__()
+        if config.kind not in ("hash", "lma"):
+            raise ValueError(f"SharedMemoryEmbedding needs kind hash or lma, got {config.kind!r}")
+        self.config = config
+        self.num_fields = num_fields
+        self.embedding_dim = config.embedding_dim
+        self.block_size = config.block_size
+        self.num_blocks = config.num_blocks
+        self.memory_size = layout.memory_size
+        self.num_starts = layout.memory_size - config.block_size + 1
+        self.value_mask = (1 << config.bits) - 1
+        self.signature_bits = config.num_hashes * config.bits
+
+        rng = np.random.default_rng(config.seed)
+        # Uniform init like DLRM's tables, scaled so a full vector has the usual norm.
+        bound = 1.0 / math.sqrt(config.embedding_dim)
+        self.memory = nn.Parameter(
+            torch.from_numpy(rng.uniform(-bound, bound, size=layout.memory_size).astype(np.float32))
+        )
+        chunks = inthash.num_fallback_chunks(self.signature_bits)
+        self.fallback_params = inthash.draw_params(rng, chunks).tolist()
+        # Block t reads K distinct packed values, chosen by a hash (seeded draw) of t.
+        positions = np.stack(
+            [rng.choice(config.num_hashes, size=config.per_block, replace=False) for _ in range(self.num_blocks)]
+        )
+        divisors = (2 ** (config.bits * positions)).astype(np.int64)  # (T, K)
+        multipliers = rng.integers(1, inthash.PRIME, size=positions.shape, dtype=np.int64)  # (T, K)
+        offsets = rng.integers(0, inthash.PRIME, size=self.num_blocks, dtype=np.int64)  # (T,)
+        self.register_buffer("divisors", torch.from_numpy(divisors))
+        self.register_buffer("multipliers", torch.from_numpy(multipliers))
+        self.register_buffer("offsets", torch.from_numpy(offsets))
+        self.register_buffer("block_arange", torch.arange(config.block_size, dtype=torch.int64))
+        self.signatures = StaticHashTable(layout.table_buckets, config.slots)
+
+    def token_signatures(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signature, stored): the stored signature where the table has one, else one hashed
+        from the key. Both (B, F)."""
+        fallback = inthash.fallback_signatures(keys, self.fallback_params, self.signature_bits)
+        return self.signatures(keys, fallback)
+
+    def block_starts(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) keys -> (B, F, T) start offsets into the shared memory, and ``stored`` (B, F)."""
+        sig, stored = self.token_signatures(keys)
+        starts = inthash.block_starts(
+            sig, self.divisors, self.multipliers, self.offsets, self.value_mask, self.num_starts
+        )
+        return starts, stored
+
+    def forward(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts, stored = self.block_starts(keys)  # (B, F, T)
+        index = starts.unsqueeze(-1) + self.block_arange  # (B, F, T, Z)
+        vectors = self.memory[index]  # (B, F, T, Z)
+        return vectors.reshape(keys.shape[0], keys.shape[1], self.embedding_dim), stored  # (B, F, D)
+
+    def memory_parts(self) -> dict[str, int]:
+        return {
+            "shared_memory": self.memory_size * FLOAT_BYTES,
+            "signature_table": self.signatures.memory_bytes,
+            "seeds": seed_bytes(self.config),
+        }
+
+
+class FullEmbedding(nn.Module):
+    """``full`` embedding: one row per vocabulary token, one OOV row per field, one shared table.
+
+    Args:
+        config: an :class:`EmbeddingConfig` of kind ``full``.
+        num_fields: F.
+        vocab_size: rows for vocabulary tokens (OOV rows are added after them).
+        table_buckets: buckets of the key -> row table (power of two).
+
+    Example::
+
+        >>> cfg = EmbeddingConfig(kind="full", embedding_dim=4)
+        >>> emb = FullEmbedding(cfg, 2, vocab_size=10, table_buckets=8)
+        >>> emb(torch.tensor([[1, 2]]))[0].shape
+        torch.Size([1, 2, 4])
+    """
+
+    def __init__(self, config: EmbeddingConfig, num_fields: int, vocab_size: int, table_buckets: int) -> None:
+        super().__init__()
+        if config.kind != "full":
+            raise ValueError(f"FullEmbedding needs kind full, got {config.kind!r}")
+        self.config = config
+        self.num_fields = num_fields
+        self.embedding_dim = config.embedding_dim
+        self.vocab_size = vocab_size
+        rng = np.random.default_rng(config.seed)
+        bound = 1.0 / math.sqrt(config.embedding_dim)
+        rows = vocab_size + num_fields
+        self.weight = nn.Parameter(
+            torch.from_numpy(rng.uniform(-bound, bound, size=(rows, config.embedding_dim)).astype(np.float32))
+        )
+        self.register_buffer("oov_rows", torch.arange(vocab_size, vocab_size + num_fields, dtype=torch.int64))
+        self.vocabulary = StaticHashTable(table_buckets, config.slots)
+
+    def forward(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, stored = self.vocabulary(keys, self.oov_rows)  # (B, F)
+        return self.weight[rows], stored  # (B, F, D)
+
+    def memory_parts(self) -> dict[str, int]:
+        return {
+            "table": int(self.weight.numel()) * FLOAT_BYTES,
+            "vocabulary_index": self.vocabulary.memory_bytes,
+        }

@@ -1,0 +1,200 @@
+"""A static two-choice bucketed cuckoo hash table from int64 token keys to int64 values.
+
+Built once offline (NumPy), looked up inside the model graph with a fixed number of steps: two
+bucket hashes, two gathers of ``slots`` keys and values, a full-key compare, a select. Lookups are
+exact (a stored key is always found, an absent key never is) and use only Add/Mul/Div/Mod/
+BitwiseAnd/Gather/Equal/Where, so TorchScript and ONNX express them. Empty slots hold key -1 (real
+keys are non-negative 62-bit integers, so they never match).
+
+Used twice: the LMA embedding maps keys to minhash signatures, the full embedding maps keys to rows.
+
+Memory: ``num_buckets * slots * 16`` bytes (keys and values, empty slots included), plus six seeds.
+"""
+
+
+from typing import List
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import inthash
+
+EMPTY = -1
+SLOT_BYTES = 16  # int64 key + int64 value
+
+
+def bucket_hashes(keys, params: list[list[int]], bucket_mask: int):  # type: ignore[no-untyped-def]
+    """The two candidate buckets of every key."""
+    hi, lo = inthash.key_halves(keys)
+    p1, p2 = params[0], params[1]
+    b1 = inthash.hash_halves(hi, lo, p1[0], p1[1], p1[2]) & bucket_mask
+    b2 = inthash.hash_halves(hi, lo, p2[0], p2[1], p2[2]) & bucket_mask
+    return b1, b2
+
+
+def table_bytes(num_buckets: int, slots: int) -> int:
+    """Every byte of a table: keys and values of all slots (empty ones too) and its six seeds."""
+    return num_buckets * slots * SLOT_BYTES + 6 * 8 if num_buckets else 0
+
+
+def buckets_for_bytes(byte_budget: int, slots: int) -> int:
+    """Largest power-of-two bucket count whose table fits ``byte_budget`` (0 if none fits)."""
+    per_bucket = slots * SLOT_BYTES
+    if byte_budget < per_bucket:
+        return 0
+    return 1 << int(np.floor(np.log2(byte_budget // per_bucket)))
+
+
+class BuildReport(dict):
+    """inserted / dropped counts and the load factor, kept in metrics and manifests."""
+
+
+def build_table(
+    keys: np.ndarray,
+    values: np.ndarray,
+    num_buckets: int,
+    slots: int,
+    seed: int,
+    max_load: float = 0.9,
+    max_kicks: int = 500,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, BuildReport]:
+    """Insert ``keys -> values`` in priority order (first = most important) into a cuckoo table.
+
+    At most ``max_load * capacity`` keys are inserted; keys that do not fit (over the load limit or
+    after ``max_kicks`` evictions) are dropped from the end of the priority order and reported.
+
+    Returns:
+        table_keys (num_buckets, slots), table_values (num_buckets, slots), params (2, 3), report.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    values = np.asarray(values, dtype=np.int64)
+    if keys.shape != values.shape or keys.ndim != 1:
+        raise ValueError(f"keys and values must be 1-D of one length, got {keys.shape} and {values.shape}")
+    if num_buckets & (num_buckets - 1) or num_buckets < 0:
+        raise ValueError(f"num_buckets must be a power of two, got {num_buckets}")
+    if keys.size and (keys.min() < 0):
+        raise ValueError("keys must be non-negative")
+    if np.unique(keys).size != keys.size:
+        raise ValueError("keys must be unique")
+    rng = np.random.default_rng(seed)
+    params = inthash.draw_params(rng, 2)
+    table_keys = np.full((max(num_buckets, 1), slots), EMPTY, dtype=np.int64)
+    table_values = np.zeros((max(num_buckets, 1), slots), dtype=np.int64)
+    if num_buckets == 0:
+        return table_keys[:0], table_values[:0], params, BuildReport(inserted=0, dropped=int(keys.size), load=0.0)
+
+    limit = min(keys.size, int(max_load * num_buckets * slots))
+    cand, dropped = keys[:limit], int(keys.size - limit)
+    cand_values = values[:limit]
+    b1, b2 = bucket_hashes(cand, params.tolist(), num_buckets - 1)
+    fill = np.zeros(num_buckets, dtype=np.int64)
+    placed = np.zeros(cand.size, dtype=bool)
+    # Vectorised passes: first every key into its first bucket, then the rest into the second,
+    # each bucket taking keys in priority order until it is full.
+    for buckets in (b1, b2):
+        todo = np.flatnonzero(~placed)
+        bk = buckets[todo]
+        order = np.argsort(bk, kind="stable")  # stable: priority order kept inside a bucket
+        todo, bk = todo[order], bk[order]
+        starts = np.searchsorted(bk, bk, side="left")
+        rank = np.arange(bk.size) - starts + fill[bk]
+        ok = rank < slots
+        table_keys[bk[ok], rank[ok]] = cand[todo[ok]]
+        table_values[bk[ok], rank[ok]] = cand_values[todo[ok]]
+        placed[todo[ok]] = True
+        np.add.at(fill, bk[ok], 1)
+    # Cuckoo random walk for the few that are left (both buckets full).
+    left = np.flatnonzero(~placed)
+    first, second = b1, b2
+    mask = num_buckets - 1
+    hp = params.tolist()
+    for i in left:
+        k, v = int(cand[i]), int(cand_values[i])
+        bucket = int(first[i]) if rng.random() < 0.5 else int(second[i])
+        for _ in range(max_kicks):
+            free = np.flatnonzero(table_keys[bucket] == EMPTY)
+            if free.size:
+                table_keys[bucket, free[0]], table_values[bucket, free[0]] = k, v
+                k = -1
+                break
+            s = int(rng.integers(slots))
+            k, table_keys[bucket, s] = int(table_keys[bucket, s]), k
+            v, table_values[bucket, s] = int(table_values[bucket, s]), v
+            c1, c2 = bucket_hashes(np.int64(k), hp, mask)
+            bucket = int(c2) if int(c1) == bucket else int(c1)
+        if k != -1:
+            dropped += 1  # the key evicted last finds no home: it falls back (never a wrong hit)
+    inserted = int((table_keys != EMPTY).sum())
+    report = BuildReport(inserted=inserted, dropped=dropped, load=inserted / (num_buckets * slots))
+    return table_keys, table_values, params, report
+
+
+class StaticHashTable(nn.Module):
+    """Exact in-graph lookup of int64 keys in a table made by :func:`build_table`.
+
+    Args:
+        num_buckets: power of two (0 = empty table: every lookup returns the default).
+        slots: slots per bucket.
+
+    Example::
+
+        >>> k, v, p, _ = build_table(np.array([5, 9]), np.array([50, 90]), 4, 2, seed=0)
+        >>> t = StaticHashTable(4, 2); t.load(k, v, p)
+        >>> t(torch.tensor([[5, 7]]), torch.tensor([[-1, -1]]))[0].tolist()
+        [[50, -1]]
+    """
+
+    __jit_unused_properties__ = ["memory_bytes"]
+    params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
+
+    def __init__(self, num_buckets: int, slots: int) -> None:
+        super().__init__()
+        if num_buckets < 0 or num_buckets & (num_buckets - 1):
+            raise ValueError(f"num_buckets must be 0 or a power of two, got {num_buckets}")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.num_buckets = num_buckets
+        self.slots = slots
+        self.bucket_mask = max(num_buckets - 1, 0)
+        self.register_buffer("table_keys", torch.full((num_buckets, slots), EMPTY, dtype=torch.int64))
+        self.register_buffer("table_values", torch.zeros((num_buckets, slots), dtype=torch.int64))
+        self.register_buffer("hash_params", torch.zeros((2, 3), dtype=torch.int64))
+        self.params = [[0, 0, 0], [0, 0, 0]]
+
+    def load(self, table_keys: np.ndarray, table_values: np.ndarray, params: np.ndarray) -> None:
+        if table_keys.shape != (self.num_buckets, self.slots):
+            raise ValueError(f"table shape {table_keys.shape} != {(self.num_buckets, self.slots)}")
+        self.table_keys.copy_(torch.from_numpy(np.ascontiguousarray(table_keys)))
+        self.table_values.copy_(torch.from_numpy(np.ascontiguousarray(table_values)))
+        self.hash_params.copy_(torch.from_numpy(np.asarray(params, dtype=np.int64)))
+        self.sync_params()
+
+    def sync_params(self) -> None:
+        """Copy the hash parameters from the buffer into Python ints (graph constants)."""
+        self.params = self.hash_params.tolist()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sync_params()
+
+    @property
+    def memory_bytes(self) -> int:
+        return table_bytes(self.num_buckets, self.slots)
+
+    def forward(self, keys: torch.Tensor, default: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, found) of ``keys`` (any shape); ``default`` (broadcastable) where a key is absent."""
+        if self.num_buckets == 0:
+            return default.expand(keys.shape), torch.zeros_like(keys, dtype=torch.bool)
+        b1, b2 = bucket_hashes(keys, self.params, self.bucket_mask)
+        k1 = self.table_keys[b1]  # (..., S)
+        k2 = self.table_keys[b2]
+        q = keys.unsqueeze(-1)
+        hit1 = k1 == q
+        hit2 = k2 == q
+        zero = torch.zeros_like(k1)
+        found_value = torch.where(hit1, self.table_values[b1], zero).sum(-1) + torch.where(
+            hit2, self.table_values[b2], zero
+        ).sum(-1)
+        found = (hit1 | hit2).any(-1)
+        return torch.where(found, found_value, default), found

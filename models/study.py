@@ -1,0 +1,117 @@
+"""The compression study: full / hash / lma over a list of compressions, everything else equal.
+
+    lma study --data data/synth_1m.tsv --compressions 4,8,16,32,64 --seeds 0,1,2 --out runs/study
+
+Writes OUT/study.json (every run's numbers), OUT/study.md (a table of means and spreads over seeds)
+and OUT/auc_vs_bytes.png. Every run uses the same data split, preset, optimizer, epochs and batch
+size; ``full`` has no compression knob and is trained once per seed.
+"""
+
+import argparse
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.train import TrainSettings, train
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"expected a comma-separated list of numbers, got {text!r}") from e
+
+
+def run_study(args: argparse.Namespace) -> str:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    compressions = _floats(args.compressions)
+    seeds = [int(s) for s in _floats(args.seeds)]
+    records: list[dict[str, Any]] = []
+    for seed in seeds:
+        for kind in kinds:
+            for comp in [1.0] if kind == "full" else compressions:
+                a = copy.copy(args)
+                a.embedding, a.compression, a.seed = kind, comp, seed
+                settings = TrainSettings.from_args(a)
+                name = f"{kind}" if kind == "full" else f"{kind}_{comp:g}x"
+                result = train(settings, out / "runs" / f"{name}_s{seed}")
+                m = result.metrics
+                mem = m["memory"]
+                records.append({
+                    "kind": kind,
+                    "compression_setting": comp,
+                    "seed": seed,
+                    "val_auc": m["best"]["val_auc"],
+                    "test_auc": m["test"]["auc"],
+                    "test_logloss": m["test"]["logloss"],
+                    "embedding_bytes": mem["embedding_bytes"],
+                    "total_bytes": mem["total_bytes"],
+                    "embedding_compression": mem["embedding_compression"],
+                    "model_compression": mem["model_compression"],
+                    "signature_table_bytes": mem["embedding_parts"].get("signature_table", 0),
+                    "train_samples_per_s": m["epochs"][-1]["train_samples_per_s"],
+                    "signed_tokens": m.get("signatures", {}).get("signed_tokens", 0),
+                })  # fmt: skip
+                log.info("study: %s seed %d -> test AUC %.5f", name, seed, m["test"]["auc"])
+                (out / "study.json").write_text(json.dumps(records, indent=2))
+    table = summary_table(records)
+    (out / "study.md").write_text(table + "\n")
+    plot_study(records, out / "auc_vs_bytes.png")
+    return table
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["kind"], r["compression_setting"]), []).append(r)
+    lines = [
+        "| kind | setting | seeds | test AUC (mean ± sd) | test logloss | embedding bytes | total bytes |"
+        " emb. compression (signatures counted) | signed tokens | train samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kind, comp), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        auc = np.array([r["test_auc"] for r in rs])
+        ll = np.array([r["test_logloss"] for r in rs])
+        lines.append(
+            f"| {kind} | {'-' if kind == 'full' else f'{comp:g}x'} | {len(rs)} | {auc.mean():.4f} ± {auc.std():.4f} |"
+            f" {ll.mean():.4f} | {rs[0]['embedding_bytes']:,} | {rs[0]['total_bytes']:,} |"
+            f" {rs[0]['embedding_compression']:.2f}x | {rs[0]['signed_tokens']:,} |"
+            f" {np.mean([r['train_samples_per_s'] for r in rs]):,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_study(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for kind, marker in (("full", "*"), ("hash", "o"), ("lma", "s")):
+        rs = [r for r in records if r["kind"] == kind]
+        if not rs:
+            continue
+        by_bytes: dict[int, list[float]] = {}
+        for r in rs:
+            by_bytes.setdefault(r["embedding_bytes"], []).append(r["test_auc"])
+        xs = sorted(by_bytes)
+        means = [float(np.mean(by_bytes[x])) for x in xs]
+        sds = [float(np.std(by_bytes[x])) for x in xs]
+        ax.errorbar(xs, means, yerr=sds, marker=marker, capsize=3, label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding bytes (signature table counted)")
+    ax.set_ylabel("test AUC")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""FastAPI serving of exported bundles: batching, runtimes, metrics, hot swap, feature store."""
