@@ -1,0 +1,78 @@
+"""Training end to end on synthetic data: learns, is reproducible, writes a complete run folder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_run
+from models.main import main
+from models.synth import synthesize
+from models.train import TrainSettings, log_loss, roc_auc, train
+from models.embeddings import EmbeddingConfig
+
+
+@pytest.fixture(scope="module")
+def synth_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synth.tsv"
+    synthesize(path, rows=30_000, seed=3, scale=0.0005)
+    return path
+
+
+def _settings(data: Path, cache: Path, kind: str, **kw: object) -> TrainSettings:
+    emb = EmbeddingConfig(kind=kind, embedding_dim=8, compression=float(kw.pop("compression", 4.0)), sample_rows=5000)
+    defaults: dict[str, object] = dict(
+        data=data, cache_dir=cache, preset="tiny", embedding=emb, epochs=2, batch_size=256, threads=1, progress=False
+    )
+    defaults.update(kw)
+    return TrainSettings(**defaults)  # type: ignore[arg-type]
+
+
+def test_roc_auc_and_logloss_exact() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)  # ties count half
+    assert log_loss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize("kind", ["full", "hash", "lma"])
+def test_training_learns_and_writes_run_folder(kind: str, synth_file: Path, tmp_path: Path) -> None:
+    result = train(_settings(synth_file, tmp_path / "cache", kind), tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(result.metrics))
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2][: len(m["epochs"])]
+    assert m["best"]["val_auc"] > 0.6, m["epochs"]  # the latent structure is learnable
+    assert m["data"]["rows"] == 30_000 and m["data"]["skipped"] == 0
+    mem = m["memory"]
+    assert mem["kind"] == kind
+    if kind != "full":
+        # a "4x" config is 4x in the accounting, signature table and seeds included
+        assert mem["full_embedding_bytes"] / mem["embedding_bytes"] == pytest.approx(4.0, rel=1e-3)
+    for name in ("model.safetensors", "config.json", "metrics.json", "curve.png"):
+        assert (tmp_path / "run" / name).is_file()
+    model, cfg = load_run(tmp_path / "run")
+    assert cfg.embedding.kind == kind
+    if kind == "lma":
+        assert m["signatures"]["signed_tokens"] > 0
+        assert model.dlrm.embedding.signatures.num_buckets > 0
+
+
+def test_same_seed_same_metrics(synth_file: Path, tmp_path: Path) -> None:
+    a = train(_settings(synth_file, tmp_path / "cache", "lma", epochs=1), tmp_path / "a").metrics
+    b = train(_settings(synth_file, tmp_path / "cache", "lma", epochs=1), tmp_path / "b").metrics
+    assert a["epochs"][0]["val_auc"] == b["epochs"][0]["val_auc"]
+    assert a["test"] == b["test"]
+    wa = load_run(tmp_path / "a")[0].state_dict()
+    wb = load_run(tmp_path / "b")[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_train_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "--data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    assert "missing.tsv" in capsys.readouterr().err
+    code = main(["train", "--data", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "r"), "--compression", "0.5"])
+    assert code == 2
+    assert "compression" in capsys.readouterr().err
