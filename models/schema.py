@@ -61,7 +61,7 @@ class FeatureSchema:
     hash_seed: int = 0
     hash_scheme: str = HASH_SCHEME
     dense_transform: str = DENSE_TRANSFORM
-    _hashers: list[_FieldHasher] = field(default=None, init=False, repr=False, compare=False)  # type: ignore[assignment]
+    _hashers: list[_FieldHasher] = field(default=None, init=False, repr=False, compare=False)  # type: ignore[assignment,arg-type]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_names", tuple(self.dense_names))
