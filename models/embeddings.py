@@ -98,8 +98,12 @@ class EmbeddingConfig:
                 f"per_block * bits must be >= 32 so a block has far more bucket keys than tokens,"
                 f" got {self.per_block}*{self.bits}"
             )
-        if self.per_block * 2 ** (31 + self.bits) >= 2**62:
-            raise ValueError(f"per_block={self.per_block} with bits={self.bits} could overflow int64")
+        if self.per_block * 2 ** (31 + self.bits) >= 2**53:
+            # The block hash sums K products below 2**(31 + bits); ONNX Runtime's ReduceSum on int64
+            # goes through double, so the sum must stay exact in 53 bits.
+            raise ValueError(
+                f"per_block={self.per_block} with bits={self.bits} makes block-hash sums exceed 2**53"
+            )
         if not 0.0 <= self.signature_share < 1.0:
             raise ValueError(f"signature_share must be in [0, 1), got {self.signature_share}")
         if self.semantic not in SEMANTIC_MODES:

@@ -160,6 +160,7 @@ class StaticHashTable(nn.Module):
         self.register_buffer("table_keys", torch.full((num_buckets, slots), EMPTY, dtype=torch.int64))
         self.register_buffer("table_values", torch.zeros((num_buckets, slots), dtype=torch.int64))
         self.register_buffer("hash_params", torch.zeros((2, 3), dtype=torch.int64))
+        self.register_buffer("slot_arange", torch.arange(slots, dtype=torch.int64), persistent=False)
         self.params = [[0, 0, 0], [0, 0, 0]]
 
     def load(self, table_keys: np.ndarray, table_values: np.ndarray, params: np.ndarray) -> None:
@@ -187,14 +188,15 @@ class StaticHashTable(nn.Module):
         if self.num_buckets == 0:
             return default.expand(keys.shape), torch.zeros_like(keys, dtype=torch.bool)
         b1, b2 = bucket_hashes(keys, self.params, self.bucket_mask)
-        k1 = self.table_keys[b1]  # (..., S)
-        k2 = self.table_keys[b2]
         q = keys.unsqueeze(-1)
-        hit1 = k1 == q
-        hit2 = k2 == q
-        zero = torch.zeros_like(k1)
-        found_value = torch.where(hit1, self.table_values[b1], zero).sum(-1) + torch.where(
-            hit2, self.table_values[b2], zero
-        ).sum(-1)
-        found = (hit1 | hit2).any(-1)
-        return torch.where(found, found_value, default), found
+        hit1 = self.table_keys[b1] == q  # (..., S)
+        hit2 = self.table_keys[b2] == q
+        # A key sits in at most one slot. Locate it with small-integer sums and gather its value:
+        # never sum the 60-bit values themselves (ONNX Runtime reduces int64 through double).
+        slot1 = (hit1.to(torch.int64) * self.slot_arange).sum(-1)
+        slot2 = (hit2.to(torch.int64) * self.slot_arange).sum(-1)
+        in1 = hit1.any(-1)
+        found = in1 | hit2.any(-1)
+        flat = torch.where(in1, b1 * self.slots + slot1, b2 * self.slots + slot2)
+        value = self.table_values.reshape(-1)[flat]
+        return torch.where(found, value, default), found
