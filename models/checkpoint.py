@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.dlrm import DLRM, CTRModel, DLRMConfig, build_embedding
@@ -96,12 +97,21 @@ def load_run(run_dir: Path) -> tuple[CTRModel, RunConfig]:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir} is not a run folder: {name} is missing")
+    config_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
     try:
-        cfg = RunConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{run_dir / CONFIG_FILE}: {e}") from e
+        raw = json.loads(config_path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        cfg = RunConfig.from_dict(raw)
+    except KeyError as e:
+        raise ValueError(f"{config_path}: missing entry {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from e
     model = build_model(cfg)
-    model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)), strict=True)
+    try:
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except (SafetensorError, RuntimeError) as e:
+        raise ValueError(f"{weights_path} does not hold the weights {CONFIG_FILE} describes: {e}") from e
     model.eval()
     return model, cfg
 

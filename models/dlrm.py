@@ -101,6 +101,11 @@ class DLRM(nn.Module):
 
     def __init__(self, config: DLRMConfig, embedding: nn.Module) -> None:
         super().__init__()
+        if embedding.embedding_dim != config.embedding_dim or embedding.num_fields != config.num_fields:
+            raise ValueError(
+                f"embedding (dim {embedding.embedding_dim}, {embedding.num_fields} fields) does not match"
+                f" the model config (dim {config.embedding_dim}, {config.num_fields} fields)"
+            )
         self.config = config
         self.num_dense = config.num_dense
         self.has_dense = config.num_dense > 0

@@ -108,8 +108,9 @@ class EmbeddingConfig:
             raise ValueError(f"signature_share must be in [0, 1), got {self.signature_share}")
         if self.semantic not in SEMANTIC_MODES:
             raise ValueError(f"semantic must be one of {SEMANTIC_MODES}, got {self.semantic!r}")
-        if self.min_count < 1 or self.sample_rows < 1 or self.slots < 1:
-            raise ValueError("min_count, sample_rows and slots must be >= 1")
+        for name in ("min_count", "sample_rows", "slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.max_load <= 1.0:
             raise ValueError(f"max_load must be in (0, 1], got {self.max_load}")
 
@@ -200,7 +201,10 @@ class SharedMemoryEmbedding(nn.Module):
             torch.from_numpy(rng.uniform(-bound, bound, size=layout.memory_size).astype(np.float32))
         )
         chunks = inthash.num_fallback_chunks(self.signature_bits)
-        self.fallback_params = inthash.draw_params(rng, chunks).tolist()
+        # Saved with the weights (a checkpoint does not depend on NumPy's seed stream) and mirrored
+        # as Python ints, which the graphs carry as constants.
+        self.register_buffer("fallback_hash_params", torch.from_numpy(inthash.draw_params(rng, chunks)))
+        self.fallback_params = self.fallback_hash_params.tolist()
         # Block t reads K distinct packed values, chosen by a hash (seeded draw) of t.
         positions = np.stack(
             [rng.choice(config.num_hashes, size=config.per_block, replace=False) for _ in range(self.num_blocks)]
@@ -213,6 +217,10 @@ class SharedMemoryEmbedding(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(offsets))
         self.register_buffer("block_arange", torch.arange(config.block_size, dtype=torch.int64))
         self.signatures = StaticHashTable(layout.table_buckets, config.slots)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.fallback_params = self.fallback_hash_params.tolist()
 
     def token_signatures(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(signature, stored): the stored signature where the table has one, else one hashed

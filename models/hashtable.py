@@ -39,11 +39,9 @@ def table_bytes(num_buckets: int, slots: int) -> int:
 
 
 def buckets_for_bytes(byte_budget: int, slots: int) -> int:
-    """Largest power-of-two bucket count whose table fits ``byte_budget`` (0 if none fits)."""
-    per_bucket = slots * SLOT_BYTES
-    if byte_budget < per_bucket:
-        return 0
-    return 1 << int(np.floor(np.log2(byte_budget // per_bucket)))
+    """Largest power-of-two bucket count whose whole table (seeds included) fits ``byte_budget``."""
+    room = (byte_budget - 6 * 8) // (slots * SLOT_BYTES)
+    return 1 << (room.bit_length() - 1) if room >= 1 else 0
 
 
 class BuildReport(dict):
