@@ -1,0 +1,282 @@
+"""Dynamic batching: one :class:`Batcher` per loaded model version.
+
+Requests wait in a bounded FIFO; one background task forms batches and hands each to the model's
+runtime in a dedicated thread (the event loop never blocks on inference), then resolves every
+request's future with its own rows of the scores.
+
+- A batch is flushed when ``max_batch_size`` samples are queued, or when the oldest queued request
+  has waited ``max_wait_ms`` (0: at once), or at shutdown.
+- A full queue (``max_queue`` requests) rejects at once: :class:`~server.errors.Overloaded` (503).
+- A request whose deadline passed before its first row was dispatched gets
+  :class:`~server.errors.DeadlineExceeded` (504) and costs the model nothing.
+- A request whose caller went away (its future cancelled) leaves the queue at once; a request
+  already partly dispatched has its remaining parts dropped.
+- A request larger than the room left in a batch is split across batches; its parts are glued back
+  in order, so callers never see the split.
+- If the runtime fails on a batch, exactly the requests in that batch fail
+  (:class:`~server.errors.InferenceFailed`); the batcher carries on.
+
+Results do not depend on batching: rows are scored independently (see :mod:`server.runtimes` for
+how exactly each runtime honours that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from server.metrics import ModelMetrics
+from server.runtimes import Runtime
+from server.types import Batch, Scores
+
+log = logging.getLogger(__name__)
+
+
+class _Pending:
+    """One request in the queue: its rows, its future, and how far it has been dispatched."""
+
+    __slots__ = ("batch", "deadline", "enqueued", "future", "next_row", "parts")
+
+    def __init__(self, batch: Batch, future: asyncio.Future[Scores], deadline: float, enqueued: float) -> None:
+        self.batch = batch
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = enqueued
+        self.next_row = 0  # rows before this one are dispatched
+        self.parts: list[Scores] = []  # scores of earlier parts of a split request
+
+
+class Batcher:
+    """Queue + batch former + runtime thread of one model version.
+
+    Args:
+        runtime: the loaded graph; only the batcher's thread calls it.
+        name: model name (thread name, messages).
+        max_batch_size: samples per runtime call.
+        max_wait_ms: longest the oldest queued request waits for a fuller batch.
+        max_queue: requests waiting before new ones are rejected.
+        metrics: the model's bound metric children.
+
+    Example::
+
+        batcher = Batcher(runtime, name="criteo", max_batch_size=256, max_wait_ms=2, max_queue=1024, metrics=m)
+        batcher.start()
+        scores = await batcher.submit(batch, deadline=time.monotonic() + 1.0)   # Scores of len(batch)
+        await batcher.close()
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        name: str,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: ModelMetrics,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError(
+                "need max_batch_size >= 1, max_queue >= 1, max_wait_ms >= 0,"
+                f" got {max_batch_size}, {max_queue}, {max_wait_ms}"
+            )
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._runtime = runtime
+        self._m = metrics
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0  # rows not yet dispatched
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lma-runtime-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting (a partly dispatched request counts until its last part leaves)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
+        self._task.add_done_callback(self._on_loop_done)
+
+    async def submit(self, batch: Batch, deadline: float) -> Scores:
+        """Queue ``batch`` and wait for its scores; ``deadline`` is a :func:`time.monotonic` time."""
+        if self._closing or self._task is None:
+            self._m.rejected["not_ready"].inc()
+            raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
+        if len(self._queue) >= self.max_queue:
+            self._m.rejected["queue_full"].inc()
+            raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
+        if len(batch) == 0:
+            return Scores(np.zeros(0, np.float32), np.zeros(0, np.int64))
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
+        pending = _Pending(batch, future, deadline, time.monotonic())
+        self._queue.append(pending)
+        self._queued_rows += len(batch)
+        self._m.queue_depth.set(len(self._queue))
+        if len(self._queue) == 1 or self._queued_rows >= self.max_batch_size:
+            self._wakeup.set()  # start the wait timer, or flush a full batch now
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller went away
+            self._forget(pending)
+            raise
+
+    def _forget(self, p: _Pending) -> None:
+        """Drop a cancelled request that is still wholly queued (a partly dispatched one is dropped by _take)."""
+        if p.next_row:
+            return
+        try:
+            self._queue.remove(p)
+        except ValueError:
+            return  # already gone
+        self._queued_rows -= len(p.batch)
+        self._m.rejected["cancelled"].inc()
+        self._m.queue_depth.set(len(self._queue))
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting, finish the queued work (at most ``timeout_s``), stop the runtime thread."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                log.error("batcher %s: queued work not finished after %.1fs; failing it", self.name, timeout_s)
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_queued(lambda: NotReady(f"model {self.name!r} shut down before this request was scored"))
+        self._executor.shutdown(wait=True)
+
+    # --- the batch-forming task ---
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._queued_rows < self.max_batch_size and not self._closing:
+                delay = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+                if delay > 0:
+                    self._wakeup.clear()
+                    timer = loop.call_later(delay, self._wakeup.set)
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        timer.cancel()
+                    continue
+            parts = self._take(time.monotonic())
+            if parts:
+                await self._dispatch(loop, parts)
+
+    def _take(self, now: float) -> list[tuple[_Pending, int, int]]:
+        """Pop up to ``max_batch_size`` rows off the queue: (request, first row, end row) parts."""
+        parts: list[tuple[_Pending, int, int]] = []
+        room = self.max_batch_size
+        queue = self._queue
+        while queue and room > 0:
+            p = queue[0]
+            size = len(p.batch)
+            if p.future.done():  # caller gone (cancelled), or an earlier part failed
+                queue.popleft()
+                self._queued_rows -= size - p.next_row
+                if p.future.cancelled():
+                    self._m.rejected["cancelled"].inc()
+                continue
+            if p.next_row == 0:
+                if now > p.deadline:
+                    queue.popleft()
+                    self._queued_rows -= size
+                    self._m.rejected["deadline"].inc()
+                    waited_ms = (now - p.enqueued) * 1000
+                    p.future.set_exception(
+                        DeadlineExceeded(
+                            f"model {self.name!r}: request deadline passed after {waited_ms:.0f} ms in the queue"
+                        )
+                    )
+                    continue
+                self._m.queue_duration.observe(now - p.enqueued)
+            take = min(size - p.next_row, room)
+            parts.append((p, p.next_row, p.next_row + take))
+            p.next_row += take
+            room -= take
+            self._queued_rows -= take
+            if p.next_row == size:
+                queue.popleft()
+        self._m.queue_depth.set(len(queue))
+        return parts
+
+    async def _dispatch(self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Pending, int, int]]) -> None:
+        batch = Batch.concatenate([p.batch.slice(start, stop) for p, start, stop in parts])
+        try:
+            scores = await loop.run_in_executor(self._executor, self._run, batch)
+        except asyncio.CancelledError:
+            self._fail([p for p, _, _ in parts], lambda: NotReady(f"model {self.name!r} shut down while scoring"))
+            raise
+        except Exception as e:
+            log.exception("batcher %s: runtime failed on a batch of %d samples", self.name, len(batch))
+            message = f"model {self.name!r}: inference failed: {e}"
+            self._fail([p for p, _, _ in parts], lambda: InferenceFailed(message))
+            return
+        offset = 0
+        for p, start, stop in parts:
+            piece = scores.slice(offset, offset + stop - start)
+            offset += stop - start
+            if p.future.done():
+                continue
+            if start == 0 and stop == len(p.batch):
+                p.future.set_result(piece)
+                continue
+            p.parts.append(piece)
+            if stop == len(p.batch):
+                p.future.set_result(Scores.concatenate(p.parts))
+
+    def _run(self, batch: Batch) -> Scores:
+        """Runs in the runtime thread."""
+        start = time.perf_counter()
+        scores = self._runtime.run(batch)
+        elapsed = time.perf_counter() - start
+        if len(scores) != len(batch):
+            raise RuntimeError(f"runtime returned {len(scores)} scores for {len(batch)} samples")
+        m = self._m
+        m.inference_duration.observe(elapsed)
+        m.batch_size.observe(len(batch))
+        m.inference_samples.inc(len(batch))
+        m.inference_batches.inc()
+        m.fallback_tokens.inc(int(scores.fallback_tokens.sum()))
+        return scores
+
+    # --- failure paths ---
+
+    @staticmethod
+    def _fail(pending: list[_Pending], error: Callable[[], Exception]) -> None:
+        for p in pending:  # one exception object per request: tracebacks must not pile up on a shared one
+            if not p.future.done():
+                p.future.set_exception(error())
+
+    def _fail_queued(self, error: Callable[[], Exception]) -> None:
+        self._fail(list(self._queue), error)
+        self._queue.clear()
+        self._queued_rows = 0
+        self._m.queue_depth.set(0)
+
+    def _on_loop_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("batcher %s stopped unexpectedly", self.name, exc_info=error)
+            self._closing = True
+            self._fail_queued(lambda: InferenceFailed(f"model {self.name!r}: batcher stopped: {error}"))

@@ -1,0 +1,171 @@
+"""The one interface routes use to reach models.
+
+Routes hand the engine a parsed request body and get a :class:`Prediction` back (or a
+:class:`~server.errors.ServingError`); the registry, batchers and runtimes behind it are never
+touched by a route. A request pins the model version it starts with for its whole life, so a hot
+swap in the middle of it is invisible to it.
+
+Example::
+
+    prediction = await engine.predict("criteo", [{"dense": [...], "categorical": [...]}])
+    prediction.scores.probability        # float32 (B,)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import FeatureStoreUnavailable, ModelNotFound, NotReady, ServingError
+from server.features import FeatureStore
+from server.featurize import Instances
+from server.metrics import Metrics
+from server.registry import ModelRegistry, ModelVersion, SwapResult
+from server.settings import Settings
+from server.types import Batch, Scores, Tensor
+
+log = logging.getLogger("lma.server.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    model: str
+    version: str
+    scores: Scores
+
+
+class Engine:
+    """Models, feature store and admission, behind ``predict`` / ``infer`` / ``reload``."""
+
+    def __init__(self, registry: ModelRegistry, store: FeatureStore, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self._timeout_s = settings.request_timeout_ms / 1000.0
+        self._store_timeout_s = settings.feature_store_timeout_ms / 1000.0
+        self._max_instances = settings.max_instances_per_request
+        self._closing = False
+
+    # --- state ---
+
+    @property
+    def ready(self) -> bool:
+        """True while at least one model serves and the server is not shutting down."""
+        return not self._closing and len(self.registry) > 0
+
+    def model(self, name: str | None = None, version: str | None = None) -> ModelVersion:
+        """The version serving ``name`` (None: the default model); ``version`` must be it if given."""
+        if self._closing:
+            raise NotReady("the server is shutting down")
+        if name is None:
+            name = self.registry.default_name
+            if name is None:
+                raise NotReady("no model is loaded yet")
+            if name not in self.registry:
+                raise NotReady(f"the default model {name!r} is not loaded (yet)")
+        mv = self.registry.get(name)
+        if version is not None and version != mv.version:
+            raise ModelNotFound(f"model {name!r} version {version!r} is not loaded; serving version {mv.version}")
+        return mv
+
+    def has_model(self, name: str) -> bool:
+        return name in self.registry
+
+    def models(self) -> list[dict[str, Any]]:
+        return [self._info(mv) for mv in self.registry.versions()]
+
+    def model_info(self, name: str, version: str | None = None) -> dict[str, Any]:
+        return self._info(self.model(name, version))
+
+    def _info(self, mv: ModelVersion) -> dict[str, Any]:
+        return {**mv.info(), "default": mv.name == self.registry.default_name}
+
+    # --- scoring ---
+
+    async def predict(self, name: str | None, instances: object, timings: dict[str, float] | None = None) -> Prediction:
+        """Score native instances (see :mod:`server.featurize`) with model ``name`` (None: default)."""
+        deadline = time.monotonic() + self._timeout_s
+        mv = self.model(name)
+        mv.acquire()
+        try:
+            start = time.perf_counter()
+            parsed = mv.featurizer.parse_instances(instances, self._max_instances)
+            if parsed.entities is not None:
+                await self._merge_stored(mv, parsed)
+            batch = mv.featurizer.instances_batch(parsed)
+            return await self._score(mv, batch, deadline, start, timings)
+        finally:
+            mv.release()
+
+    async def infer(
+        self, name: str, tensors: Sequence[Tensor], version: str | None = None, timings: dict[str, float] | None = None
+    ) -> Prediction:
+        """Score Open Inference Protocol input tensors with model ``name``."""
+        deadline = time.monotonic() + self._timeout_s
+        mv = self.model(name, version)
+        mv.acquire()
+        try:
+            start = time.perf_counter()
+            batch = mv.featurizer.tensors_batch(tensors, self._max_instances)
+            return await self._score(mv, batch, deadline, start, timings)
+        finally:
+            mv.release()
+
+    async def _score(
+        self, mv: ModelVersion, batch: Batch, deadline: float, start: float, timings: dict[str, float] | None
+    ) -> Prediction:
+        featurized = time.perf_counter()
+        scores = await mv.batcher.submit(batch, deadline)
+        if timings is not None:
+            timings["featurize_ms"] = featurized - start
+            timings["model_ms"] = time.perf_counter() - featurized
+        return Prediction(mv.name, mv.version, scores)
+
+    async def _merge_stored(self, mv: ModelVersion, parsed: Instances) -> None:
+        assert parsed.entities is not None
+        unique = list(dict.fromkeys(e for e in parsed.entities if e is not None))
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._store_timeout_s):
+                rows = await self.store.fetch(unique)
+            if len(rows) != len(unique):
+                raise FeatureStoreUnavailable(f"feature store returned {len(rows)} rows for {len(unique)} entities")
+        except TimeoutError:
+            self.metrics.feature_store_errors.labels(mv.name).inc()
+            raise FeatureStoreUnavailable(
+                f"feature store did not answer within {self._store_timeout_s * 1000:.0f} ms"
+            ) from None
+        except ServingError:
+            self.metrics.feature_store_errors.labels(mv.name).inc()
+            raise
+        except Exception as e:
+            self.metrics.feature_store_errors.labels(mv.name).inc()
+            log.exception("feature store fetch failed")
+            raise FeatureStoreUnavailable(f"feature store failed: {e}") from None
+        finally:
+            self.metrics.feature_store_duration.labels(mv.name).observe(time.perf_counter() - start)
+        stored = dict(zip(unique, rows, strict=True))
+        mv.featurizer.merge_stored(parsed, [stored.get(e) if e else None for e in parsed.entities])
+
+    # --- administration ---
+
+    async def reload(self, name: str, path: str | None = None, version: str | None = None) -> SwapResult:
+        return await self.registry.reload(name, path, version)
+
+    def device_memory(self) -> list[tuple[str, str, int]]:
+        rows = []
+        for mv in self.registry.versions():
+            used = mv.runtime.device_memory_bytes()
+            if used is not None:
+                rows.append((mv.name, mv.runtime.device, used))
+        return rows
+
+    async def close(self) -> None:
+        """Refuse new work (readiness turns false), finish queued work, release models and the store."""
+        self._closing = True
+        await self.registry.close()
+        await self.store.close()

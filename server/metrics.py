@@ -1,0 +1,187 @@
+"""Prometheus metrics of DESIGN section 7: names and labels are part of the product's interface.
+
+Every metric carries a ``model`` label (empty for requests that name no model, such as ``/metrics``).
+Durations are histograms in seconds. Each app owns its own :class:`Metrics` (its own registry), so
+several apps in one process (tests) never share counters.
+
+Several worker processes (``lma serve --workers N``): the CLI sets ``PROMETHEUS_MULTIPROC_DIR``
+before any worker starts, every worker writes its samples there, and ``/metrics`` of any worker
+answers with the sum over live workers (gauges: ``livesum`` for the queue depth, ``livemax`` for
+model facts). The process collector (resident memory, CPU) reports single-process servers only, as
+prometheus_client's multiprocess mode cannot aggregate it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+REJECT_REASONS = ("queue_full", "deadline", "cancelled", "not_ready")
+
+DeviceMemorySource = Callable[[], Iterable[tuple[str, str, int]]]  # -> (model, device, bytes) rows
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class _DeviceMemoryCollector(Collector):
+    def __init__(self, source: Callable[[], DeviceMemorySource | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "lma_device_memory_bytes",
+            "Accelerator memory in use where a model runs on a GPU",
+            labels=["model", "device"],
+        )
+        source = self._source()
+        for model, device, used in source() if source else ():
+            family.add_metric([model, device], used)
+        yield family
+
+
+class ModelMetrics:
+    """The children of one model, bound once: the batcher's hot path does no label lookups."""
+
+    def __init__(self, m: Metrics, model: str, runtime: str, device: str) -> None:
+        self.queue_duration = m.queue_duration.labels(model)
+        self.batch_size = m.batch_size.labels(model)
+        self.inference_duration = m.inference_duration.labels(model, runtime, device)
+        self.inference_samples = m.inference_samples.labels(model)
+        self.inference_batches = m.inference_batches.labels(model)
+        self.fallback_tokens = m.fallback_tokens.labels(model)
+        self.queue_depth = m.queue_depth.labels(model)
+        self.rejected = {reason: m.rejected.labels(model, reason) for reason in REJECT_REASONS}
+
+
+class Metrics:
+    """All metrics of one server app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lma_requests_total",
+            "HTTP requests by route template and status code",
+            ["model", "route", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "lma_request_duration_seconds", "Request latency, body read to response",
+            ["model", "route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_duration = Histogram(
+            "lma_queue_duration_seconds", "Time from enqueue to the start of the request's first batch",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "lma_inference_duration_seconds", "Runtime time of one batch",
+            ["model", "runtime", "device"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "lma_batch_size", "Samples per runtime call", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_samples = Counter("lma_inference_samples_total", "Samples scored", ["model"], registry=r)
+        self.inference_batches = Counter("lma_inference_batches_total", "Runtime calls", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "lma_queue_depth",
+            "Requests waiting in the model's batcher",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            "lma_rejected_total", "Requests dropped before scoring, by reason", ["model", "reason"], registry=r
+        )
+        self.model_info = Gauge(
+            "lma_model_info", "1 for the version being served", ["model", "version", "runtime", "device", "embedding"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_memory = Gauge(
+            "lma_model_memory_bytes", "Model bytes by part (manifest accounting)", ["model", "part"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.full_embedding = Gauge(
+            "lma_model_full_embedding_bytes", "Bytes full embedding tables would take", ["model"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.compression = Gauge(
+            "lma_model_compression_ratio", "Embedding compression: full embedding bytes / this embedding's bytes",
+            ["model"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.fallback_tokens = Counter(
+            "lma_fallback_tokens_total",
+            "Tokens scored without a stored signature or vocabulary row",
+            ["model"],
+            registry=r,
+        )
+        self.feature_store_duration = Histogram(
+            "lma_feature_store_duration_seconds", "One feature-store fetch for a request",
+            ["model"], buckets=STORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.feature_store_errors = Counter(
+            "lma_feature_store_errors_total", "Feature-store fetches that failed or timed out", ["model"], registry=r
+        )
+        self.reloads = Counter(
+            "lma_model_reloads_total", "Model swaps by result (ok, failed)", ["model", "result"], registry=r
+        )
+        self._device_memory: DeviceMemorySource | None = None
+        self._exposition = self._exposition_registry()
+
+    def _exposition_registry(self) -> CollectorRegistry:
+        path = multiprocess_dir()
+        if path is None:
+            ProcessCollector(registry=self.registry)
+            self.registry.register(_DeviceMemoryCollector(lambda: self._device_memory))
+            return self.registry
+        from prometheus_client import multiprocess
+
+        exposition = CollectorRegistry()
+        multiprocess.MultiProcessCollector(exposition, path=path)
+        exposition.register(_DeviceMemoryCollector(lambda: self._device_memory))
+        return exposition
+
+    def set_device_memory_source(self, source: DeviceMemorySource) -> None:
+        self._device_memory = source
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self._exposition), CONTENT_TYPE_LATEST
+
+    def for_model(self, model: str, runtime: str, device: str) -> ModelMetrics:
+        return ModelMetrics(self, model, runtime, device)
+
+    # --- facts about the version being served ---
+
+    def set_model(
+        self, model: str, version: str, runtime: str, device: str, embedding: str, memory: dict[str, Any]
+    ) -> None:
+        self.model_info.labels(model, version, runtime, device, embedding).set(1)
+        for part, value in memory_parts(memory).items():
+            self.model_memory.labels(model, part).set(value)
+        self.full_embedding.labels(model).set(memory["full_embedding_bytes"])
+        self.compression.labels(model).set(memory["embedding_compression"])
+
+    def clear_model(self, model: str, version: str, runtime: str, device: str, embedding: str) -> None:
+        """Retire a replaced version's info series (memory gauges are overwritten by the new version)."""
+        info = (model, version, runtime, device, embedding)
+        self.model_info.labels(*info).set(0)  # what multiprocess mode keeps; a single process drops it below
+        self.model_info.remove(*info)
+
+
+def memory_parts(memory: dict[str, Any]) -> dict[str, int]:
+    """``lma_model_memory_bytes`` parts from a manifest's memory accounting: each embedding part, dense, total."""
+    parts = {str(k): int(v) for k, v in memory["embedding_parts"].items()}
+    parts["dense"] = int(memory["dense_bytes"])
+    parts["total"] = int(memory["total_bytes"])
+    return parts

@@ -1,0 +1,269 @@
+"""Runtimes: one interface over ONNX Runtime and TorchScript, chosen by name, not by file extension.
+
+A runtime owns one loaded graph of a bundle (inputs ``dense`` float32 (B, n_dense), ``keys`` int64
+(B, F); outputs ``probability`` float32 (B, 1), ``fallback_tokens`` int64 (B,)) and runs it on CPU
+or CUDA. The batcher calls :meth:`Runtime.run` from its own dedicated thread, one batch at a time,
+so a runtime needs no locking of its own.
+
+``RUNTIMES`` maps the setting ``LMA_RUNTIME`` to a class; the bundle's manifest names the graph
+file of each runtime (:meth:`export.bundle.Bundle.file`). Adding a runtime is one class and one
+entry there.
+
+Batch invariance: ONNX Runtime's CPU kernels compute every row the same way whatever the batch
+size, so a sample's score is bit-identical alone or inside any batch. TorchScript on CPU uses MKL,
+which picks GEMM kernels by batch shape, so its scores agree across batch sizes to float32 rounding
+(~1e-7), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import cache
+from typing import Any, ClassVar
+
+import numpy as np
+
+from export.bundle import Bundle
+from server.types import Batch, Scores
+
+log = logging.getLogger(__name__)
+
+INPUTS = ("dense", "keys")
+OUTPUTS = ("probability", "fallback_tokens")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class RuntimeUnavailable(ValueError):
+    """The requested runtime or device cannot be used on this machine."""
+
+
+class Runtime(ABC):
+    """A loaded graph that scores batches.
+
+    Args:
+        bundle: a verified bundle (:func:`export.bundle.load_bundle`).
+        device: ``cpu`` or ``cuda`` (resolve ``auto`` with :func:`resolve_device` first).
+        threads: intra-op threads of one run (0: the runtime's default).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, bundle: Bundle, device: str, threads: int = 0) -> None:
+        self.bundle = bundle
+        self.device = device
+        self.threads = threads
+
+    @classmethod
+    @abstractmethod
+    def cuda_available(cls) -> bool:
+        """Whether this runtime can run on a CUDA device here."""
+
+    @abstractmethod
+    def run(self, batch: Batch) -> Scores:
+        """Score one batch (called from the batcher's runtime thread)."""
+
+    def warmup(self, sizes: Sequence[int]) -> None:
+        """Run all-missing batches of ``sizes`` (twice each) so the first real request pays no set-up."""
+        schema = self.bundle.schema
+        for size in sizes:
+            batch = Batch.zeros(size, schema.num_dense, schema.num_fields)
+            for _ in range(2):
+                scores = self.run(batch)
+            if len(scores) != size or not np.all(np.isfinite(scores.probability)):
+                raise RuntimeError(f"{self.bundle.path}: warm-up batch of {size} gave {len(scores)} non-finite scores")
+
+    def device_memory_bytes(self) -> int | None:
+        """Device memory in use (None on CPU)."""
+        return gpu_memory_used() if self.device == "cuda" else None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the graph (the object is unusable afterwards)."""
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime: CPUExecutionProvider, or CUDAExecutionProvider with pre-allocated output buffers."""
+
+    name = "onnx"
+
+    @classmethod
+    def cuda_available(cls) -> bool:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers() and gpu_count() > 0
+
+    def __init__(self, bundle: Bundle, device: str, threads: int = 0) -> None:
+        super().__init__(bundle, device, threads)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # errors only; our own logs say what was loaded
+        cuda = device == "cuda"
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": 0})] if cuda else []
+        providers.append("CPUExecutionProvider")
+        self._session = ort.InferenceSession(str(bundle.file(self.name)), opts, providers=providers)
+        if cuda and self._session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeUnavailable(f"{bundle.path}: ONNX Runtime could not start its CUDA provider")
+        _check_names(
+            bundle, [i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()]
+        )
+        self._binding = self._session.io_binding() if cuda else None
+        self._capacity = 0
+        self._out: dict[str, Any] = {}
+
+    def run(self, batch: Batch) -> Scores:
+        if self._binding is not None:
+            return self._run_cuda(batch)
+        probability, fallback = self._session.run(OUTPUTS, {"dense": batch.dense, "keys": batch.keys})
+        return Scores(probability.reshape(-1), fallback.reshape(-1))
+
+    def _run_cuda(self, batch: Batch) -> Scores:
+        import onnxruntime as ort
+
+        size = len(batch)
+        if size > self._capacity:  # output buffers live on the device and grow to the largest batch seen
+            self._capacity = max(size, 2 * self._capacity)
+            self._out = {
+                "probability": ort.OrtValue.ortvalue_from_shape_and_type((self._capacity, 1), np.float32, "cuda", 0),
+                "fallback_tokens": ort.OrtValue.ortvalue_from_shape_and_type((self._capacity,), np.int64, "cuda", 0),
+            }
+        io = self._binding
+        assert io is not None
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("dense", batch.dense)
+        io.bind_cpu_input("keys", batch.keys)
+        io.bind_output("probability", "cuda", 0, np.float32, (size, 1), self._out["probability"].data_ptr())
+        io.bind_output("fallback_tokens", "cuda", 0, np.int64, (size,), self._out["fallback_tokens"].data_ptr())
+        self._session.run_with_iobinding(io)
+        probability, fallback = io.copy_outputs_to_cpu()
+        return Scores(probability.reshape(-1), fallback.reshape(-1))
+
+    def close(self) -> None:
+        self._binding = None
+        self._out = {}
+        del self._session
+
+
+class TorchScriptRuntime(Runtime):
+    """TorchScript (``torch.jit.load``, no pickle) on CPU or CUDA, under ``torch.inference_mode``."""
+
+    name = "torchscript"
+
+    @classmethod
+    def cuda_available(cls) -> bool:
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    def __init__(self, bundle: Bundle, device: str, threads: int = 0) -> None:
+        super().__init__(bundle, device, threads)
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has one intra-op pool
+        self._torch = torch
+        self._device = torch.device("cuda:0" if device == "cuda" else "cpu")
+        self._module = torch.jit.load(str(bundle.file(self.name)), map_location=self._device).eval()
+        graph_inputs = [i.debugName().split(".")[0] for i in list(self._module.graph.inputs())[1:]]
+        _check_names(bundle, graph_inputs, list(OUTPUTS))
+
+    def _tensor(self, a: np.ndarray) -> Any:
+        if not a.flags.writeable:  # torch.from_numpy warns on read-only views (e.g. of a request body)
+            a = a.copy()
+        return self._torch.from_numpy(a).to(self._device, non_blocking=True)
+
+    def run(self, batch: Batch) -> Scores:
+        with self._torch.inference_mode():
+            probability, fallback = self._module(self._tensor(batch.dense), self._tensor(batch.keys))
+            return Scores(probability.reshape(-1).cpu().numpy(), fallback.reshape(-1).cpu().numpy())
+
+    def device_memory_bytes(self) -> int | None:
+        return int(self._torch.cuda.memory_reserved(self._device)) if self.device == "cuda" else None
+
+    def close(self) -> None:
+        del self._module
+        if self.device == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+RUNTIMES: dict[str, type[Runtime]] = {cls.name: cls for cls in (OnnxRuntime, TorchScriptRuntime)}
+
+
+def _check_names(bundle: Bundle, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    if tuple(inputs) != INPUTS or tuple(outputs) != OUTPUTS:
+        raise RuntimeUnavailable(
+            f"{bundle.path}: graph has inputs {list(inputs)} and outputs {list(outputs)};"
+            f" the server needs inputs {list(INPUTS)} and outputs {list(OUTPUTS)}"
+        )
+
+
+def resolve_device(runtime: str, device: str) -> str:
+    """``auto`` -> ``cuda`` where this runtime can use a GPU here, else ``cpu``; ``cuda`` must be usable."""
+    cls = runtime_class(runtime)
+    if device not in DEVICES:
+        raise RuntimeUnavailable(f"unknown device {device!r}; choose from {DEVICES}")
+    if device == "cpu":
+        return "cpu"
+    if cls.cuda_available():
+        return "cuda"
+    if device == "cuda":
+        raise RuntimeUnavailable(f"LMA_DEVICE=cuda, but the {runtime} runtime sees no usable CUDA device here")
+    return "cpu"
+
+
+def runtime_class(runtime: str) -> type[Runtime]:
+    try:
+        return RUNTIMES[runtime]
+    except KeyError:
+        raise RuntimeUnavailable(f"unknown runtime {runtime!r}; choose from {sorted(RUNTIMES)}") from None
+
+
+def create_runtime(bundle: Bundle, runtime: str, device: str, threads: int = 0) -> Runtime:
+    """Load ``bundle``'s graph for ``runtime`` on ``device`` (``cpu`` or ``cuda``)."""
+    return runtime_class(runtime)(bundle, device, threads)
+
+
+# --- GPU presence and memory through NVML (no CUDA context, no torch needed) ---
+
+
+@cache
+def _nvml() -> Any:
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    return lib if lib.nvmlInit_v2() == 0 else None
+
+
+def gpu_count() -> int:
+    lib = _nvml()
+    count = ctypes.c_uint(0)
+    if lib is None or lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def gpu_memory_used(index: int = 0) -> int | None:
+    """Bytes in use on GPU ``index`` (all processes), or None without NVML."""
+    lib = _nvml()
+    if lib is None:
+        return None
+    handle = ctypes.c_void_p()
+    mem = _NvmlMemory()
+    if lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+        return None
+    if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+        return None
+    return int(mem.used)

@@ -1,0 +1,109 @@
+"""Server settings: environment variables with the prefix ``LMA_``, validated before anything starts.
+
+Every field below is read from ``LMA_<FIELD>`` (``LMA_MODEL_DIR``, ``LMA_MAX_BATCH_SIZE``, ...);
+keyword arguments override the environment. :func:`load_settings` turns pydantic's validation
+errors into one :class:`ValueError` whose message names each offending variable, so ``lma serve``
+refuses to start with a line like ``LMA_MAX_BATCH_SIZE: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LMA_"
+
+
+class Settings(BaseSettings):
+    """What the server reads at start-up (DESIGN section 7). Times are in the unit their name says."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=())
+
+    # models
+    model_dir: Path = Field(Path("artifacts"), description="one bundle, or a repository of <name>/<version>/ bundles")
+    default_model: str = Field("", description="model of POST /v1/predict (empty: the first name in sorted order)")
+    runtime: Literal["onnx", "torchscript"] = "onnx"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="threads of one inference (0: the runtime's default)")
+    watch_interval_s: float = Field(5.0, ge=0, description="poll the model repository this often (0: never)")
+    # batching and admission
+    max_batch_size: int = Field(256, ge=1, description="samples per runtime call")
+    max_wait_ms: float = Field(2.0, ge=0, description="longest a queued request waits for a fuller batch")
+    max_queue: int = Field(2048, ge=1, description="requests waiting per model before 503")
+    request_timeout_ms: float = Field(2000.0, gt=0, description="deadline of a request from arrival; 504 after")
+    max_instances_per_request: int = Field(1024, ge=1, description="instances of one request before 413")
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="request body bytes before 413")
+    drain_timeout_s: float = Field(30.0, gt=0, description="how long a replaced model may take to finish its work")
+    # feature store and update channel
+    redis_url: str = Field("", description="redis://host:port/db; empty: in-memory feature store, folder watch")
+    feature_store_path: Path | None = Field(None, description="JSON or CSV file loaded into the in-memory store")
+    feature_store_timeout_ms: float = Field(50.0, gt=0, description="deadline of one feature-store fetch")
+    # operations
+    admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes (unset: disabled)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(True, description="one JSON log line per request")
+
+    @field_validator("runtime", "device", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"{v} is not a directory (a bundle or a repository of <name>/<version>/ bundles)")
+        return v
+
+    @field_validator("feature_store_path")
+    @classmethod
+    def _feature_file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a file")
+        if v is not None and v.suffix.lower() not in (".json", ".csv"):
+            raise ValueError(f"{v}: the in-memory feature store reads .json or .csv files")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        v = v.strip()
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix:// (got {v!r}); leave it empty for no Redis")
+        return v
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, v: object) -> object:
+        return None if v in ("", None) else v
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_token is not None
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line per error, each naming the environment variable: ``LMA_RUNTIME: Input should be ...``."""
+    lines = []
+    for err in e.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = err.get("input")
+        suffix = f" (got {shown!r})" if err["type"] != "value_error" and not isinstance(shown, dict) else ""
+        lines.append(f"{env_name(field)}: {msg}{suffix}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment plus ``overrides``; bad values raise one clear :class:`ValueError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise ValueError(f"invalid server settings: {describe_validation_error(e)}") from None

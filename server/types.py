@@ -1,0 +1,82 @@
+"""The two shapes the model side sees: a :class:`Batch` of graph inputs and its :class:`Scores`.
+
+Both are plain column arrays with ``concatenate`` / ``slice`` / ``len``: the batcher glues requests
+into one batch and cuts the scores back along the same row ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Graph inputs of B samples.
+
+    Args:
+        dense: float32 (B, n_dense), already transformed by :func:`models.schema.transform_dense`.
+        keys: int64 (B, n_fields), token keys from the bundle's :class:`~models.schema.FeatureSchema`.
+    """
+
+    dense: np.ndarray
+    keys: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.dense.dtype != np.float32 or self.keys.dtype != np.int64:
+            raise TypeError(f"Batch needs float32 dense and int64 keys, got {self.dense.dtype} and {self.keys.dtype}")
+        if self.dense.ndim != 2 or self.keys.ndim != 2 or self.dense.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"Batch needs (B, n_dense) and (B, F) arrays, got {self.dense.shape} and {self.keys.shape}"
+            )
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return Batch(self.dense[start:stop], self.keys[start:stop])
+
+    @staticmethod
+    def concatenate(batches: Sequence[Batch]) -> Batch:
+        if len(batches) == 1:
+            return batches[0]
+        return Batch(np.concatenate([b.dense for b in batches]), np.concatenate([b.keys for b in batches]))
+
+    @staticmethod
+    def zeros(size: int, num_dense: int, num_fields: int) -> Batch:
+        """A batch of all-missing samples (used to warm runtimes up)."""
+        return Batch(np.zeros((size, num_dense), np.float32), np.zeros((size, num_fields), np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Graph outputs of B samples: click ``probability`` float32 (B,) and ``fallback_tokens`` int64 (B,)."""
+
+    probability: np.ndarray
+    fallback_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return self.probability.shape[0]
+
+    def slice(self, start: int, stop: int) -> Scores:
+        return Scores(self.probability[start:stop], self.fallback_tokens[start:stop])
+
+    @staticmethod
+    def concatenate(parts: Sequence[Scores]) -> Scores:
+        if len(parts) == 1:
+            return parts[0]
+        return Scores(
+            np.concatenate([p.probability for p in parts]), np.concatenate([p.fallback_tokens for p in parts])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One decoded Open Inference Protocol input: numeric data as a flat array, BYTES as a flat list of str."""
+
+    name: str
+    datatype: str  # "FP32", "INT64", "BYTES", ...
+    shape: tuple[int, ...]
+    data: np.ndarray | list[str]

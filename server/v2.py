@@ -1,0 +1,215 @@
+"""Open Inference Protocol v2 (the KServe / Triton REST protocol): request decoding, response encoding.
+
+Both wire forms a stock ``tritonclient.http`` client sends are understood:
+
+- JSON tensors: ``{"inputs": [{"name", "shape", "datatype", "data": [...]}], "outputs": [...]}``;
+- the binary tensor data extension: the header ``Inference-Header-Content-Length: N`` says the
+  first N body bytes are the JSON; each input with ``parameters.binary_data_size`` takes its bytes
+  from what follows, in input order (BYTES elements as 4-byte little-endian length + bytes).
+
+The output ``probability`` (FP32 [B, 1]) comes back as JSON ``data``, or as binary when the request
+asks for it (``outputs[i].parameters.binary_data`` or ``parameters.binary_data_output``), which is
+what tritonclient does by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from server.errors import InvalidInput
+from server.featurize import json_type
+from server.types import Tensor
+
+HEADER_LENGTH = "inference-header-content-length"
+OUTPUT_NAME = "probability"
+_NUMERIC: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "INT64": np.dtype("<i8"),
+}  # datatype -> dtype on the wire (little-endian)
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    id: str | None
+    inputs: list[Tensor]
+    binary_output: bool
+
+
+def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request body (``header_length``: the Inference-Header-Content-Length header)."""
+    split = len(body)
+    if header_length is not None:
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a length within the body")
+        split = int(header_length)
+    try:
+        request = orjson.loads(body[:split])
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"body: not valid JSON ({e})") from None
+    if type(request) is not dict:
+        raise InvalidInput(f"body: expected an object, got {json_type(request)}")
+    raw_inputs = request.get("inputs")
+    if type(raw_inputs) is not list or not raw_inputs:
+        raise InvalidInput(f"inputs: expected a non-empty array of tensors, got {json_type(raw_inputs)}")
+    binary = memoryview(body)[split:]
+    offset = 0
+    inputs = []
+    for k, spec in enumerate(raw_inputs):
+        name, datatype, shape, params = _tensor_header(k, spec)
+        size = params.get("binary_data_size")
+        if size is None:
+            data = _json_data(name, datatype, spec.get("data"))
+        else:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size!r} does not fit the binary part of the body"
+                )
+            data = _binary_data(name, datatype, binary[offset : offset + size])
+            offset += size
+        inputs.append(Tensor(name, datatype, shape, data))
+    if offset != len(binary):
+        raise InvalidInput(f"body: {len(binary) - offset} bytes of binary data belong to no input")
+    request_id = request.get("id")
+    if request_id is not None and type(request_id) is not str:
+        raise InvalidInput(f"id: expected a string, got {json_type(request_id)}")
+    return InferRequest(request_id, inputs, _binary_output(request))
+
+
+def _tensor_header(k: int, spec: object) -> tuple[str, str, tuple[int, ...], dict[str, Any]]:
+    if type(spec) is not dict:
+        raise InvalidInput(f"inputs[{k}]: expected an object, got {json_type(spec)}")
+    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+    if type(name) is not str:
+        raise InvalidInput(f"inputs[{k}].name: expected a string, got {json_type(name)}")
+    if type(datatype) is not str:
+        raise InvalidInput(f"input {name!r}: datatype: expected a string, got {json_type(datatype)}")
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: shape: expected an array of non-negative integers, got {shape!r}")
+    params = spec.get("parameters") or {}
+    if type(params) is not dict:
+        raise InvalidInput(f"input {name!r}: parameters: expected an object, got {json_type(params)}")
+    return name, datatype, tuple(shape), params
+
+
+def _json_data(name: str, datatype: str, data: object) -> np.ndarray | list[str]:
+    if type(data) is not list:
+        raise InvalidInput(f"input {name!r}: data: expected an array, got {json_type(data)}")
+    if datatype == "BYTES":
+        flat: list[str] = []
+        _flatten_strings(name, data, flat)
+        return flat
+    if datatype not in _NUMERIC:
+        raise InvalidInput(f"input {name!r}: datatype {datatype} is not supported; use FP32, INT64 or BYTES")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, OverflowError) as e:
+        raise InvalidInput(f"input {name!r}: data is not a regular array of numbers ({e})") from None
+    kinds = "iu" if datatype == "INT64" else "iuf"
+    if arr.size and arr.dtype.kind not in kinds:
+        raise InvalidInput(
+            f"input {name!r}: {datatype} data must be {'integers' if datatype == 'INT64' else 'numbers'}"
+        )
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return arr.reshape(-1).astype(np.float32 if datatype == "FP32" else np.int64)
+    except (FloatingPointError, OverflowError):
+        raise InvalidInput(f"input {name!r}: a value is out of the {datatype} range") from None
+
+
+def _flatten_strings(name: str, data: list[object], out: list[str]) -> None:
+    for v in data:
+        if type(v) is str:
+            out.append(v)
+        elif type(v) is list:
+            _flatten_strings(name, v, out)
+        else:
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings, got {json_type(v)}")
+
+
+def _binary_data(name: str, datatype: str, raw: memoryview) -> np.ndarray | list[str]:
+    if datatype == "BYTES":
+        values: list[str] = []
+        pos, end = 0, len(raw)
+        while pos < end:
+            if pos + 4 > end:
+                raise InvalidInput(f"input {name!r}: truncated BYTES element length at byte {pos}")
+            n = int.from_bytes(raw[pos : pos + 4], "little")
+            if pos + 4 + n > end:
+                raise InvalidInput(f"input {name!r}: BYTES element at byte {pos} claims {n} bytes past the end")
+            values.append(bytes(raw[pos + 4 : pos + 4 + n]).decode("utf-8", "surrogateescape"))
+            pos += 4 + n
+        return values
+    if datatype not in _NUMERIC:
+        raise InvalidInput(f"input {name!r}: datatype {datatype} is not supported; use FP32, INT64 or BYTES")
+    wire = _NUMERIC[datatype]
+    if len(raw) % wire.itemsize:
+        raise InvalidInput(f"input {name!r}: {len(raw)} binary bytes are not a whole number of {datatype} values")
+    return np.frombuffer(raw, dtype=wire).astype(wire.newbyteorder("="))
+
+
+def _binary_output(request: dict[str, Any]) -> bool:
+    params = request.get("parameters") or {}
+    binary = bool(params.get("binary_data_output", False)) if type(params) is dict else False
+    outputs = request.get("outputs")
+    if outputs is None:
+        return binary
+    if type(outputs) is not list:
+        raise InvalidInput(f"outputs: expected an array, got {json_type(outputs)}")
+    for k, out in enumerate(outputs):
+        if type(out) is not dict or out.get("name") != OUTPUT_NAME:
+            got = out.get("name") if type(out) is dict else json_type(out)
+            raise InvalidInput(f"outputs[{k}]: unknown output {got!r}; this model has {OUTPUT_NAME!r}")
+        params = out.get("parameters") or {}
+        if type(params) is dict and "binary_data" in params:
+            binary = bool(params["binary_data"])
+    return binary
+
+
+def encode_infer_response(
+    model: str, version: str, request_id: str | None, probability: np.ndarray, binary: bool
+) -> tuple[bytes, dict[str, str], str]:
+    """(body, extra headers, media type) of an infer response."""
+    out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [len(probability), 1]}
+    response: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = [out]
+    if not binary:
+        out["data"] = probability.tolist()
+        return orjson.dumps(response), {}, "application/json"
+    raw = np.ascontiguousarray(probability, dtype="<f4").tobytes()
+    out["parameters"] = {"binary_data_size": len(raw)}
+    header = orjson.dumps(response)
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}, "application/octet-stream"
+
+
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}  # runtime -> v2 platform
+
+
+def model_metadata(info: dict[str, Any]) -> dict[str, Any]:
+    """``GET /v2/models/{name}`` from the engine's model info.
+
+    ``categorical`` is declared BYTES (raw values); INT64 keys hashed with the model's schema are
+    accepted too. ``parameters`` carries the feature names, which the protocol has no field for.
+    """
+    n_dense, n_fields = len(info["dense_names"]), len(info["categorical_names"])
+    inputs = [{"name": "categorical", "datatype": "BYTES", "shape": [-1, n_fields]}]
+    if n_dense:
+        inputs.insert(0, {"name": "dense", "datatype": "FP32", "shape": [-1, n_dense]})
+    return {
+        "name": info["name"],
+        "versions": [info["version"]],
+        "platform": PLATFORMS.get(info["runtime"], info["runtime"]),
+        "inputs": inputs,
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 1]}],
+        "parameters": {
+            "dense_names": info["dense_names"],
+            "categorical_names": info["categorical_names"],
+            "categorical_datatypes": ["BYTES", "INT64"],
+            "dense_input": "raw values; the server applies log(1 + max(x, 0))",
+        },
+    }

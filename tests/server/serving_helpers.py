@@ -1,0 +1,159 @@
+"""Helpers of the server tests (imported by tests/server/conftest.py and tests/test_e2e_server.py).
+
+Tiny run folders are made the way ``lma train`` writes them, with filled tables (signature table /
+vocabulary index) for the raw tokens ``t0``..``t49`` of every field, and exported with
+:func:`export.exporter.export_run`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from export.bundle import Bundle
+from export.exporter import export_run
+from models.checkpoint import RunConfig, build_model, save_run
+from models.dlrm import DLRMConfig
+from models.embeddings import EmbeddingConfig
+from models.hashtable import build_table
+from models.schema import FeatureSchema, avazu_schema, criteo_schema, transform_dense
+from server.runtimes import OnnxRuntime
+from server.settings import Settings
+from server.types import Batch, Scores
+
+TOKENS = [f"t{j}" for j in range(50)]  # raw values that have stored entries in the runs below
+SIGNATURE_BITS = 60  # packed signatures of the lma runs: 15 x 4 bits, as training makes them
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def make_run(run_dir: Path, kind: str, schema: FeatureSchema, seed: int) -> Path:
+    """A run folder of a tiny ``kind`` model whose tables know the tokens of :data:`TOKENS`."""
+    keys = np.unique([schema.key(f, t) for f in range(schema.num_fields) for t in TOKENS]).astype(np.int64)
+    emb = EmbeddingConfig(kind=kind, embedding_dim=4, compression=2.0, seed=seed)
+    vocab_size, buckets = (keys.size, 1 << int(np.ceil(np.log2(keys.size / 2)))) if kind == "full" else (0, 0)
+    cfg = RunConfig(
+        schema=schema,
+        model=DLRMConfig.from_preset("tiny", schema.num_dense, schema.num_fields),
+        embedding=emb,
+        full_embedding_bytes=int(keys.size) * emb.embedding_dim * 4,
+        distinct_tokens=int(keys.size),
+        vocab_size=vocab_size,
+        table_buckets=buckets,
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    rng = np.random.default_rng(seed)
+    if kind == "full":
+        table = model.dlrm.embedding.vocabulary
+        table.load(*build_table(keys, np.arange(keys.size), table.num_buckets, table.slots, seed, max_load=1.0)[:3])
+    elif kind == "lma":
+        table = model.dlrm.embedding.signatures
+        signatures = rng.integers(0, 2**SIGNATURE_BITS, size=keys.size, dtype=np.int64)
+        table.load(*build_table(keys, signatures, table.num_buckets, table.slots, seed, emb.max_load)[:3])
+    model.eval()
+    save_run(run_dir, model, cfg)
+    return run_dir
+
+
+@dataclass(frozen=True)
+class Bundles:
+    repo: Path  # criteo/1, criteo/2, avazu/1
+    criteo_v1: Bundle
+    criteo_v2: Bundle
+    avazu: Bundle
+
+
+def make_repo(root: Path, *bundles: Bundle) -> Path:
+    """A model repository under ``root`` holding copies of ``bundles`` (as NAME/VERSION)."""
+    for b in bundles:
+        shutil.copytree(b.path, root / b.name / b.version)
+    return root
+
+
+def settings_for(model_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "model_dir": model_dir,
+        "max_wait_ms": 1.0,
+        "watch_interval_s": 0,
+        "access_log": False,
+        "intra_op_threads": 1,
+        "admin_token": ADMIN_TOKEN,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def instance(i: int = 0, n_dense: int = 13, n_fields: int = 26) -> dict[str, Any]:
+    """A valid instance: known tokens in even fields, unknown ones in odd fields."""
+    return {
+        "dense": [float((i + j) % 7) for j in range(n_dense)],
+        "categorical": [TOKENS[(i + j) % len(TOKENS)] if j % 2 == 0 else f"unseen-{i}-{j}" for j in range(n_fields)],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """A real uvicorn server (httptools, uvloop) on a free port, in a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=60)
+
+
+def export_bundles(root: Path) -> Bundles:
+    """criteo/1, criteo/2 (lma) and avazu/1 (hash) in the repository ``root/repo``."""
+    runs, repo = root / "runs", root / "repo"
+    criteo = criteo_schema(5)
+    v1 = export_run(make_run(runs / "criteo1", "lma", criteo, 0), repo / "criteo")
+    v2 = export_run(make_run(runs / "criteo2", "lma", criteo, 1), repo / "criteo")
+    avazu = export_run(make_run(runs / "avazu", "hash", avazu_schema(3), 2), repo / "avazu")
+    return Bundles(repo, v1, v2, avazu)
+
+
+def export_full_bundle(root: Path) -> Bundle:
+    """A full-embedding model on the Criteo schema, as ``root/criteo-full/1``."""
+    return export_run(make_run(root / "run", "full", criteo_schema(5), 3), root / "criteo-full")
+
+
+def direct_scores(bundle: Bundle, instances: list[dict[str, Any]]) -> Scores:
+    """What the model says for list-form ``instances``, computed without the server."""
+    dense = transform_dense(
+        np.array([[np.nan if v is None else v for v in inst["dense"]] for inst in instances], dtype=np.float64)
+    )
+    keys = bundle.schema.keys_for([inst["categorical"] for inst in instances])
+    return OnnxRuntime(bundle, "cpu", threads=1).run(Batch(dense, keys))
+
+
+def as_float32(predictions: list[float]) -> np.ndarray:
+    return np.array(predictions, dtype=np.float64).astype(np.float32)

@@ -1,0 +1,94 @@
+"""`/metrics` after N requests, parsed with prometheus_client: exact counts, names, labels and gauges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from serving_helpers import Bundles, direct_scores, instance, make_repo, settings_for
+
+from server.app import build_app
+from server.metrics import memory_parts
+
+ROUTE = "/v1/models/{name}:predict"
+
+
+def scrape(client: TestClient) -> tuple[dict[str, str], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    types, values = {}, {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        types[family.name] = family.type
+        for s in family.samples:
+            values[(s.name, frozenset(s.labels.items()))] = s.value
+    return types, values
+
+
+def test_metrics_count_exactly(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, bundles.criteo_v1)
+    sizes = [1, 3, 2, 5, 1, 4, 2]  # N = 7 requests, 18 samples
+    sent = [[instance(10 * r + i) for i in range(n)] for r, n in enumerate(sizes)]
+    with TestClient(build_app(settings_for(repo, max_batch_size=4, max_wait_ms=0))) as client:
+        for instances in sent:
+            assert client.post("/v1/models/criteo:predict", json={"instances": instances}).status_code == 200
+        assert client.post("/v1/models/criteo:predict", json={"instances": [{"dense": "x"}]}).status_code == 422
+        types, v = scrape(client)
+
+    def value(name: str, **labels: str) -> float:
+        return v.get((name, frozenset(labels.items())), 0.0)
+
+    m = {"model": "criteo"}
+    assert value("lma_requests_total", route=ROUTE, code="200", **m) == 7
+    assert value("lma_requests_total", route=ROUTE, code="422", **m) == 1
+    assert value("lma_request_duration_seconds_count", route=ROUTE, **m) == 8
+    assert value("lma_queue_duration_seconds_count", **m) == 7
+    assert value("lma_inference_samples_total", **m) == 18
+    batches = value("lma_inference_batches_total", **m)
+    assert (
+        batches
+        == value("lma_batch_size_count", **m)
+        == value("lma_inference_duration_seconds_count", runtime="onnx", device="cpu", **m)
+    )
+    assert value("lma_batch_size_sum", **m) == 18
+    assert value("lma_batch_size_bucket", le="4.0", **m) == batches  # never more than max_batch_size
+    assert batches >= 5  # 18 samples in batches of at most 4
+    fallback = sum(int(direct_scores(bundles.criteo_v1, s).fallback_tokens.sum()) for s in sent)
+    assert 0 < fallback < 18 * 26 and value("lma_fallback_tokens_total", **m) == fallback
+    assert value("lma_queue_depth", **m) == 0
+    assert value("lma_rejected_total", reason="queue_full", **m) == 0
+    # facts about the served version, straight from the manifest's accounting
+    info = {"version": "1", "runtime": "onnx", "device": "cpu", "embedding": "lma", **m}
+    assert value("lma_model_info", **info) == 1
+    memory = bundles.criteo_v1.memory
+    parts = memory_parts(memory)
+    assert set(parts) == {"shared_memory", "signature_table", "seeds", "dense", "total"}
+    for part, expected in parts.items():
+        assert value("lma_model_memory_bytes", part=part, **m) == expected
+    assert value("lma_model_full_embedding_bytes", **m) == memory["full_embedding_bytes"]
+    assert value("lma_model_compression_ratio", **m) == memory["embedding_compression"]
+    # histograms everywhere, never summaries; the process collector is there
+    for name in ("lma_request_duration_seconds", "lma_queue_duration_seconds", "lma_inference_duration_seconds",
+                 "lma_batch_size", "lma_feature_store_duration_seconds"):  # fmt: skip
+        assert types[name] == "histogram"
+    assert "summary" not in types.values()
+    assert value("process_resident_memory_bytes") > 0
+    assert types["lma_rejected"] == types["lma_model_reloads"] == types["lma_feature_store_errors"] == "counter"
+
+
+def test_feature_store_metrics(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", bundles.criteo_v1)
+    store = tmp_path / "features.json"
+    store.write_text('{"u1": {"I1": 4, "C3": "t7"}, "u2": {"C1": "t1"}}')
+    with TestClient(build_app(settings_for(repo, feature_store_path=store))) as client:
+        plain = instance(5)
+        r = client.post(
+            "/v1/models/criteo:predict",
+            json={"instances": [{**plain, "entity": "u1"}, {"categorical": {"C2": "t2"}, "entity": "u1"}]},
+        )
+        explicit = {"dense": {"I1": 4}, "categorical": {"C2": "t2", "C3": "t7"}}
+        r2 = client.post("/v1/models/criteo:predict", json={"instances": [plain, explicit]})
+        assert r.status_code == 200 and r.json()["predictions"] == r2.json()["predictions"]  # request values win
+        _, v = scrape(client)
+    assert (
+        v[("lma_feature_store_duration_seconds_count", frozenset({("model", "criteo")}))] == 1
+    )  # one fetch per request
+    assert v.get(("lma_feature_store_errors_total", frozenset({("model", "criteo")})), 0) == 0

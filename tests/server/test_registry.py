@@ -1,0 +1,161 @@
+"""Hot swap: admin reload, folder watch, bad bundles, and requests in flight during a swap."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from serving_helpers import ADMIN_TOKEN, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
+
+from server.app import build_app
+from server.engine import Engine
+from server.features import InMemoryFeatureStore
+from server.metrics import Metrics
+from server.registry import ModelRegistry
+
+AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+RELOAD = "/v1/models/criteo:reload"
+
+
+def samples(client: TestClient, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def corrupt_copy(bundle_path: Path, dst: Path) -> Path:
+    shutil.copytree(bundle_path, dst)
+    onnx = dst / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    return dst
+
+
+def test_admin_reload_swaps_to_a_path_then_back_by_version(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", bundles.criteo_v1, bundles.criteo_v2)
+    inst = [instance(4)]
+    with TestClient(build_app(settings_for(repo / "criteo" / "1"))) as client:  # one bundle folder
+        assert client.post("/v1/predict", json={"instances": inst}).json()["version"] == "1"
+        r = client.post(RELOAD, headers=AUTH, json={"path": str(bundles.criteo_v2.path)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["model"], body["result"], body["version"], body["previous_version"]) == ("criteo", "ok", "2", "1")
+        after = client.post("/v1/predict", json={"instances": inst}).json()
+        assert after["version"] == "2"
+        np.testing.assert_array_equal(
+            as_float32(after["predictions"]), direct_scores(bundles.criteo_v2, inst).probability
+        )
+        r = client.post(RELOAD, headers=AUTH, json={"version": "1"})  # a sibling of the served bundle folder
+        assert r.status_code == 200 and r.json()["version"] == "1"
+        assert samples(client, "lma_model_reloads_total") == {(("model", "criteo"), ("result", "ok")): 2.0}
+        info = samples(client, "lma_model_info")
+        assert list(info) == [
+            (("device", "cpu"), ("embedding", "lma"), ("model", "criteo"), ("runtime", "onnx"), ("version", "1"))
+        ]
+
+
+def test_admin_reload_without_body_takes_the_latest(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, bundles.criteo_v1)
+    with TestClient(build_app(settings_for(repo))) as client:
+        shutil.copytree(bundles.criteo_v2.path, repo / "criteo" / "2")
+        r = client.post(RELOAD, headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == "2"
+
+
+def test_bad_bundle_leaves_the_old_version_serving(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", bundles.criteo_v1)
+    broken = corrupt_copy(bundles.criteo_v2.path, tmp_path / "broken" / "criteo" / "2")
+    with TestClient(build_app(settings_for(repo))) as client:
+        r = client.post(RELOAD, headers=AUTH, json={"path": str(broken)})
+        assert r.status_code == 422 and r.json()["kind"] == "reload_failed"
+        assert "sha256" in r.json()["error"] and r.json()["error"].endswith("; version 1 keeps serving")
+        assert client.post("/v1/predict", json={"instances": [instance()]}).json()["version"] == "1"
+        wrong = client.post(RELOAD, headers=AUTH, json={"path": str(bundles.avazu.path)})
+        assert wrong.status_code == 422 and "holds model 'avazu', not 'criteo'" in wrong.json()["error"]
+        missing = client.post(RELOAD, headers=AUTH, json={"path": str(tmp_path / "nothing")})
+        assert missing.status_code == 422 and "not a directory" in missing.json()["error"]
+        assert samples(client, "lma_model_reloads_total") == {(("model", "criteo"), ("result", "failed")): 3.0}
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "status", "message"),
+    [
+        (RELOAD, {"path": "a", "version": "2"}, 422, "body: give either 'path' or 'version', not both"),
+        (RELOAD, {"version": "02"}, 422, "body.version: expected a positive integer as text, got '02'"),
+        (RELOAD, {"version": 2}, 422, "body.version: expected a string"),
+        (RELOAD, {"tag": "x"}, 422, "body: unknown key 'tag'"),
+        ("/v1/models/nope:reload", {}, 404, "model 'nope' is not loaded"),
+    ],
+)
+def test_admin_reload_input_errors(bundles: Bundles, url: str, body: object, status: int, message: str) -> None:
+    with TestClient(build_app(settings_for(bundles.repo))) as client:
+        r = client.post(url, headers=AUTH, json=body)
+        assert r.status_code == status and r.json()["error"].startswith(message)
+
+
+@pytest.fixture
+async def served(bundles: Bundles, tmp_path: Path) -> AsyncIterator[tuple[Engine, Path, Metrics]]:
+    repo = make_repo(tmp_path / "repo", bundles.criteo_v1)
+    settings = settings_for(repo, max_batch_size=8, max_wait_ms=2)
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics)
+    engine = Engine(registry, InMemoryFeatureStore(), settings, metrics)
+    await registry.load_repository()
+    yield engine, repo, metrics
+    await engine.close()
+
+
+async def test_watcher_swaps_in_new_versions_once(served: tuple[Engine, Path, Metrics], bundles: Bundles) -> None:
+    engine, repo, metrics = served
+    assert await engine.registry.poll_once() == []  # nothing new
+    corrupt_copy(bundles.criteo_v2.path, repo / "criteo" / "2")
+    (failed,) = await engine.registry.poll_once()
+    assert (failed.result, failed.version) == ("failed", "1")
+    assert await engine.registry.poll_once() == []  # a failed bundle is not retried until it changes
+    shutil.rmtree(repo / "criteo" / "2")
+    shutil.copytree(bundles.criteo_v2.path, repo / "criteo" / "2")
+    (ok,) = await engine.registry.poll_once()
+    assert (ok.result, ok.version, ok.previous_version) == ("ok", "2", "1")
+    assert engine.model("criteo").version == "2"
+    reloads = metrics.registry.get_sample_value
+    assert reloads("lma_model_reloads_total", {"model": "criteo", "result": "failed"}) == 1
+    assert reloads("lma_model_reloads_total", {"model": "criteo", "result": "ok"}) == 1
+    shutil.copytree(bundles.avazu.path, repo / "avazu" / "1")  # a new model name appears too
+    (added,) = await engine.registry.poll_once()
+    assert (added.model, added.result) == ("avazu", "ok") and engine.has_model("avazu")
+
+
+async def test_requests_in_flight_during_a_swap_all_succeed(
+    served: tuple[Engine, Path, Metrics], bundles: Bundles
+) -> None:
+    engine, _, _ = served
+    old = engine.model("criteo")
+    inst = [instance(i) for i in range(3)]
+    v1 = direct_scores(bundles.criteo_v1, inst).probability
+    v2 = direct_scores(bundles.criteo_v2, inst).probability
+
+    before = [asyncio.ensure_future(engine.predict("criteo", inst)) for _ in range(40)]
+    await asyncio.sleep(0)  # they hold version 1 now
+    swap = asyncio.ensure_future(engine.registry.swap("criteo", bundles.criteo_v2.path))
+    during = [asyncio.ensure_future(engine.predict("criteo", inst)) for _ in range(40)]
+    result = await swap
+    after = [await engine.predict("criteo", inst) for _ in range(5)]
+    assert result.ok
+    for p in await asyncio.gather(*before):
+        assert p.version == "1"
+        np.testing.assert_array_equal(p.scores.probability, v1)
+    for p in [*await asyncio.gather(*during), *after]:  # whichever version a request got, it got all of it
+        np.testing.assert_array_equal(p.scores.probability, v1 if p.version == "1" else v2)
+    assert {p.version for p in after} == {"2"}
+    await asyncio.gather(*engine.registry._retiring)
+    assert old.retired and old.active == 0 and old.batcher.queued == 0

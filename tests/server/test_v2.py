@@ -1,0 +1,154 @@
+"""Open Inference Protocol v2 against a real uvicorn server, driven by a stock tritonclient.http client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from serving_helpers import Bundles, LiveServer, as_float32, direct_scores, instance, settings_for
+from tritonclient.utils import InferenceServerException
+
+from server.app import build_app
+
+
+@pytest.fixture(scope="module")
+def live(bundles: Bundles) -> Iterator[LiveServer]:
+    with LiveServer(build_app(settings_for(bundles.repo, max_wait_ms=5))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live: LiveServer) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(url=f"127.0.0.1:{live.port}")
+    yield c
+    c.close()
+
+
+def tensors(instances: list[dict], categorical: str = "BYTES", binary: bool = True) -> list[triton.InferInput]:
+    dense = np.array([[np.nan if v is None else v for v in i["dense"]] for i in instances], dtype=np.float32)
+    d = triton.InferInput("dense", list(dense.shape), "FP32")
+    d.set_data_from_numpy(dense, binary_data=binary)
+    rows = [i["categorical"] for i in instances]
+    if categorical == "BYTES":
+        values = np.array([[str(v).encode() for v in row] for row in rows], dtype=np.object_)
+    else:
+        from models.schema import criteo_schema
+
+        values = criteo_schema(5).keys_for(rows)
+    c = triton.InferInput("categorical", list(values.shape), categorical)
+    c.set_data_from_numpy(values, binary_data=binary)
+    return [d, c]
+
+
+def test_health_and_metadata(client: triton.InferenceServerClient, bundles: Bundles) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("criteo") and client.is_model_ready("criteo", "2")
+    assert not client.is_model_ready("criteo", "1") and not client.is_model_ready("nope")
+    meta = client.get_model_metadata("criteo")
+    assert (meta["name"], meta["versions"], meta["platform"]) == ("criteo", ["2"], "onnxruntime_onnx")
+    assert meta["inputs"] == [
+        {"name": "dense", "datatype": "FP32", "shape": [-1, 13]},
+        {"name": "categorical", "datatype": "BYTES", "shape": [-1, 26]},
+    ]
+    assert meta["outputs"] == [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]}]
+    assert [i["name"] for i in client.get_model_metadata("avazu")["inputs"]] == ["categorical"]
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+
+
+@pytest.mark.parametrize(
+    ("categorical", "binary"), [("BYTES", True), ("BYTES", False), ("INT64", True), ("INT64", False)]
+)
+def test_infer_matches_the_model(
+    client: triton.InferenceServerClient, bundles: Bundles, categorical: str, binary: bool
+) -> None:
+    instances = [instance(i) for i in range(6)]
+    outputs = [triton.InferRequestedOutput("probability", binary_data=binary)]
+    result = client.infer("criteo", tensors(instances, categorical, binary), outputs=outputs, request_id="r-1")
+    probability = result.as_numpy("probability")
+    assert probability.shape == (6, 1) and probability.dtype == np.float32
+    np.testing.assert_array_equal(probability[:, 0], direct_scores(bundles.criteo_v2, instances).probability)
+    response = result.get_response()
+    assert (response["model_name"], response["model_version"], response["id"]) == ("criteo", "2", "r-1")
+
+
+def test_default_outputs_come_back_binary(client: triton.InferenceServerClient, bundles: Bundles) -> None:
+    instances = [instance(9)]
+    result = client.infer("criteo", tensors(instances), model_version="2")  # no outputs: all, binary
+    assert result.get_output("probability")["parameters"] == {"binary_data_size": 4}
+    np.testing.assert_array_equal(
+        result.as_numpy("probability")[:, 0], direct_scores(bundles.criteo_v2, instances).probability
+    )
+
+
+def test_infer_errors_reach_the_client(client: triton.InferenceServerClient) -> None:
+    bad = tensors([instance(0)])
+    bad[1] = triton.InferInput("categorical", [1, 25], "BYTES")
+    bad[1].set_data_from_numpy(np.array([[b"x"] * 25], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("criteo", bad)
+    assert e.value.status() == "422" and "input 'categorical': shape [1, 25] is not [batch, 26]" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("nope", tensors([instance(0)]))
+    assert e.value.status() == "404"
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("criteo", tensors([instance(0)]), model_version="1")
+    assert e.value.status() == "404" and "serving version 2" in e.value.message()
+
+
+def test_json_protocol_by_hand(live: LiveServer, bundles: Bundles) -> None:
+    inst = instance(2)
+    body = {
+        "inputs": [
+            {"name": "dense", "shape": [1, 13], "datatype": "FP32", "data": [inst["dense"]]},  # nested rows are fine
+            {"name": "categorical", "shape": [1, 26], "datatype": "BYTES", "data": inst["categorical"]},
+        ]
+    }
+    r = httpx.post(f"{live.url}/v2/models/criteo/infer", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    out = r.json()["outputs"][0]
+    assert (out["name"], out["datatype"], out["shape"]) == ("probability", "FP32", [1, 1])
+    assert as_float32(out["data"]) == direct_scores(bundles.criteo_v2, [inst]).probability
+    body["inputs"][1]["datatype"] = "FP32"
+    r = httpx.post(f"{live.url}/v2/models/criteo/infer", json=body)
+    assert r.status_code == 422 and r.json()["error"].startswith("input 'categorical': FP32 data must be numbers")
+
+
+def test_disconnected_client_is_dropped(bundles: Bundles) -> None:
+    settings = settings_for(bundles.repo, max_wait_ms=60_000, max_batch_size=64)
+    app = build_app(settings)
+    with LiveServer(app) as server:
+        body = json.dumps({"instances": [instance()]}).encode()
+        request = (
+            f"POST /v1/models/criteo:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(request)
+            _wait_for(lambda: app.state.engine.model("criteo").batcher.queued == 1)
+        # the client is gone: the request is dropped, before it costs the model anything
+        _wait_for(lambda: app.state.engine.model("criteo").batcher.queued == 0)
+        metrics = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+            for s in family.samples
+        }
+        assert metrics[("lma_rejected_total", (("model", "criteo"), ("reason", "cancelled")))] == 1
+        route = (("code", "499"), ("model", "criteo"), ("route", "/v1/models/{name}:predict"))
+        assert metrics[("lma_requests_total", route)] == 1
+        assert metrics[("lma_queue_depth", (("model", "criteo"),))] == 0
+        assert metrics[("lma_inference_samples_total", (("model", "criteo"),))] == 0  # never scored
+
+
+def _wait_for(condition: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
