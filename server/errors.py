@@ -50,6 +50,13 @@ class ModelNotFound(ServingError):
     kind = "model_not_found"
 
 
+class EntityNotFound(ServingError):
+    """An instance names a feature-store entity with nothing stored (and did not ask for defaults)."""
+
+    status = 404
+    kind = "entity_not_found"
+
+
 class PayloadTooLarge(ServingError):
     status = 413
     kind = "too_large"

@@ -95,9 +95,10 @@ class InMemoryFeatureStore:
 def open_feature_store(settings: Settings) -> FeatureStore:
     """The store the settings ask for: in-memory (default, optionally from a file), or Redis."""
     if settings.redis_url:
-        # Seam for the Redis feature store (DESIGN section 8): return RedisFeatureStore(settings) here.
-        raise ValueError(
-            "LMA_REDIS_URL is set, but this build has no Redis feature store; unset it to use the in-memory one"
+        from server.redis_store import RedisFeatureStore
+
+        return RedisFeatureStore(
+            settings.redis_url, timeout_ms=settings.feature_store_timeout_ms, prefix=settings.feature_store_prefix
         )
     if settings.feature_store_path is not None:
         return InMemoryFeatureStore.from_file(settings.feature_store_path)

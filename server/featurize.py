@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from models.schema import KEY_MASK, FeatureSchema, transform_dense
-from server.errors import InvalidInput, PayloadTooLarge
+from server.errors import EntityNotFound, InvalidInput, PayloadTooLarge
 from server.types import Batch, Tensor
 
 NAN = math.nan
-INSTANCE_KEYS = frozenset(("dense", "categorical", "entity"))
+INSTANCE_KEYS = frozenset(("dense", "categorical", "entity", "missing_entity"))
+MISSING_ENTITY_POLICIES = ("error", "defaults")
 TENSOR_NAMES = ("dense", "categorical")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
 
@@ -74,6 +75,7 @@ class Instances:
     dense: list[list[float]]  # (B, n_dense) raw, NaN = missing
     categorical: list[list[object]]  # (B, n_fields) raw, None = missing
     entities: list[str | None] | None  # per instance, None when no instance names an entity
+    defaults_ok: set[int] | None = None  # instances that said "missing_entity": "defaults"
 
     def __len__(self) -> int:
         return len(self.categorical)
@@ -109,12 +111,15 @@ class Featurizer:
         dense: list[list[float]] = []
         categorical: list[list[object]] = []
         entities: list[str | None] | None = None
+        defaults_ok: set[int] | None = None
         for i, inst in enumerate(instances):
             if type(inst) is not dict:
                 raise InvalidInput(f"instances[{i}]: expected an object, got {json_type(inst)}")
             if not inst.keys() <= INSTANCE_KEYS:
                 unknown = sorted(set(inst) - INSTANCE_KEYS)
-                raise InvalidInput(f"instances[{i}]: unknown key {unknown[0]!r}; expected dense, categorical, entity")
+                raise InvalidInput(
+                    f"instances[{i}]: unknown key {unknown[0]!r}; expected dense, categorical, entity, missing_entity"
+                )
             dense.append(self._row(i, inst.get("dense"), self._dense))
             categorical.append(self._row(i, inst.get("categorical"), self._categorical))
             entity = inst.get("entity")
@@ -124,7 +129,16 @@ class Featurizer:
                 if entities is None:
                     entities = [None] * len(instances)
                 entities[i] = entity
-        return Instances(dense, categorical, entities)
+            policy = inst.get("missing_entity")
+            if policy is not None:
+                if policy not in MISSING_ENTITY_POLICIES:
+                    raise InvalidInput(
+                        f"instances[{i}].missing_entity: expected one of {list(MISSING_ENTITY_POLICIES)}, got {policy!r}"
+                    )
+                if policy == "defaults":
+                    defaults_ok = set() if defaults_ok is None else defaults_ok
+                    defaults_ok.add(i)
+        return Instances(dense, categorical, entities, defaults_ok)
 
     def _row(self, i: int, values: object, f: _Features) -> list[Any]:
         """One instance's raw values of one kind, in schema order (missing: ``f.missing``)."""
@@ -160,10 +174,18 @@ class Featurizer:
         """Fill what each instance left missing from its entity's stored features (request values win).
 
         ``stored[i]`` belongs to instance i (None: no entity or nothing stored). Stored names the
-        model does not know are ignored: one store can serve several models.
+        model does not know are ignored: one store can serve several models. An instance whose
+        entity has nothing stored is an error (404 ``entity_not_found``) unless it said
+        ``"missing_entity": "defaults"``: then it is scored with what it sent (missing = defaults).
         """
         for i, features in enumerate(stored):
             if not features:
+                entity = parsed.entities[i] if parsed.entities else None
+                if entity is not None and not (parsed.defaults_ok and i in parsed.defaults_ok):
+                    raise EntityNotFound(
+                        f"instances[{i}].entity: nothing stored for entity {entity!r}; send"
+                        ' "missing_entity": "defaults" to score it with the values it carries'
+                    )
                 continue
             dense, categorical = parsed.dense[i], parsed.categorical[i]
             for name, v in features.items():

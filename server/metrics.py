@@ -132,6 +132,12 @@ class Metrics:
         self.feature_store_errors = Counter(
             "lma_feature_store_errors_total", "Feature-store fetches that failed or timed out", ["model"], registry=r
         )
+        self.feature_store_hits = Counter(
+            "lma_feature_store_hits_total", "Entities of a fetch that had stored features", ["model"], registry=r
+        )
+        self.feature_store_misses = Counter(
+            "lma_feature_store_misses_total", "Entities of a fetch with nothing stored", ["model"], registry=r
+        )
         self.reloads = Counter(
             "lma_model_reloads_total", "Model swaps by result (ok, failed)", ["model", "result"], registry=r
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.schema import criteo_schema
-from server.errors import InvalidInput
+from server.errors import EntityNotFound, InvalidInput
 from server.features import FeatureStore, InMemoryFeatureStore, open_feature_store
 from server.featurize import Featurizer
 from server.settings import Settings
@@ -46,14 +46,30 @@ def test_settings_choose_the_store(tmp_path: Path) -> None:
 def test_merge_fills_only_what_is_missing() -> None:
     f = Featurizer(criteo_schema())
     parsed = f.parse_instances(
-        [{"dense": {"I1": 1.0}, "categorical": {"C1": "mine"}, "entity": "u"}, {"entity": "v"}, {}], 10
-    )
+        [{"dense": {"I1": 1.0}, "categorical": {"C1": "mine"}, "entity": "u"},
+         {"entity": "v", "missing_entity": "defaults"}, {}], 10,
+    )  # fmt: skip
     assert parsed.entities == ["u", "v", None]
     stored = {"I1": 9, "I2": "2.5", "C1": "theirs", "C2": b"bytes", "X": "ignored"}
     f.merge_stored(parsed, [stored, None, None])
     assert parsed.dense[0][:3] == [1.0, 2.5, parsed.dense[0][2]] and math.isnan(parsed.dense[0][2])
     assert parsed.categorical[0][:3] == ["mine", "bytes", None]
     with pytest.raises(InvalidInput, match=r"instances\[1\]: stored feature I3 of entity 'v' is not a number: 'abc'"):
-        f.merge_stored(parsed, [None, {"I3": "abc"}, None])
+        f.merge_stored(parsed, [stored, {"I3": "abc"}, None])
     with pytest.raises(InvalidInput, match=r"instances\[1\]: stored feature C3 of entity 'v' has type number"):
-        f.merge_stored(parsed, [None, {"C3": 1.5}, None])
+        f.merge_stored(parsed, [stored, {"C3": 1.5}, None])
+
+
+def test_an_entity_with_nothing_stored_is_an_error_unless_defaults_are_asked_for() -> None:
+    f = Featurizer(criteo_schema())
+    parsed = f.parse_instances([{"entity": "u"}, {"entity": "v", "missing_entity": "defaults"}], 10)
+    with pytest.raises(EntityNotFound, match=r"instances\[0\]\.entity: nothing stored for entity 'u'") as e:
+        f.merge_stored(parsed, [None, None])
+    assert e.value.status == 404
+    parsed = f.parse_instances(
+        [{"entity": "u", "categorical": {"C1": "x"}}, {"entity": "v", "missing_entity": "defaults"}], 10
+    )
+    f.merge_stored(parsed, [{"C2": "y"}, None])  # v is scored with what it carries
+    assert parsed.categorical[1] == [None] * 26
+    with pytest.raises(InvalidInput, match=r"instances\[0\]\.missing_entity: expected one of \['error', 'defaults'\]"):
+        f.parse_instances([{"entity": "u", "missing_entity": "zeros"}], 10)
