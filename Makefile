@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 HOST ?= 127.0.0.1
 PORT ?= 8000
-DEMO_ROWS ?= 200000
+DEMO_ROWS ?= 100000
 
 .PHONY: setup demo test test-slow test-gpu lint format bench clean
 
@@ -26,7 +26,7 @@ setup: $(STAMP)
 # Synthesize data, train an LMA DLRM at 16x, export it, serve it on $(HOST):$(PORT).
 demo: setup
 	$(BIN)/lma synth --rows $(DEMO_ROWS) --out data/demo.tsv --seed 0
-	$(BIN)/lma train --data data/demo.tsv --embedding lma --compression 16 --preset small --epochs 2 --out runs/demo
+	$(BIN)/lma train --data data/demo.tsv --embedding lma --compression 16 --preset small --epochs 1 --out runs/demo
 	$(BIN)/lma export runs/demo --out artifacts/demo
 	@echo
 	@echo "Score a row:"
