@@ -150,7 +150,8 @@ def load_bundle(path: str | Path) -> Bundle:
 def latest_bundles(repo: str | Path) -> dict[str, Path]:
     """name -> folder of the highest numeric version, for each model of a repository.
 
-    ``repo`` is either one bundle folder (``manifest.json`` inside; the name comes from it) or a
+    ``repo`` is one bundle folder (``manifest.json`` inside; the name comes from it), one model's
+    folder of versions ``<version>/manifest.json`` (the name comes from the latest manifest), or a
     tree ``<name>/<version>/manifest.json``. Folders whose name is not a positive integer (e.g.
     the exporter's hidden temporary folders) and version folders without a manifest are skipped;
     nothing is verified here: :func:`load_bundle` does that. An empty repository gives ``{}``.
@@ -164,6 +165,10 @@ def latest_bundles(repo: str | Path) -> dict[str, Path]:
             raise BundleError(f"{repo / MANIFEST_FILE}: invalid model name {name!r}")
         return {name: repo}
     found: dict[str, Path] = {}
+    own_versions = [v for v in repo.iterdir() if v.is_dir() and is_version(v.name) and (v / MANIFEST_FILE).is_file()]
+    if own_versions:  # one model's folder of versions, e.g. artifacts/NAME as `lma export --out` writes it
+        latest = max(own_versions, key=lambda v: int(v.name))
+        return {str(read_manifest(latest)["name"]): latest}
     for model_dir in sorted(repo.iterdir()):
         if not model_dir.is_dir() or not NAME_PATTERN.match(model_dir.name):
             continue

@@ -137,6 +137,8 @@ def test_latest_bundles_picks_the_highest_numeric_version(bundles: dict[str, Bun
     (repo / "README.txt").write_text("not a model")
     (repo / "empty").mkdir()
     assert latest_bundles(repo) == {"hash": repo / "hash" / "3", "lma": repo / "lma" / "10"}
+    # one model's folder of versions, as `lma export --out artifacts/NAME` writes it
+    assert latest_bundles(repo / "lma") == {"lma": repo / "lma" / "10"}
 
 
 def test_latest_bundles_of_one_bundle_folder(bundles: dict[str, Bundle], tmp_path: Path) -> None:
