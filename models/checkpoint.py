@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -126,7 +125,9 @@ def memory_accounting(model: CTRModel, full_embedding_bytes: int) -> dict[str, A
     emb = model.dlrm.embedding
     parts = {k: int(v) for k, v in emb.memory_parts().items()}
     embedding_bytes = sum(parts.values())
-    dense_bytes = sum(p.numel() * FLOAT_BYTES for n, p in model.named_parameters() if not n.startswith("dlrm.embedding."))
+    dense_bytes = sum(
+        p.numel() * FLOAT_BYTES for n, p in model.named_parameters() if not n.startswith("dlrm.embedding.")
+    )
     return {
         "kind": emb.config.kind,
         "full_embedding_bytes": int(full_embedding_bytes),

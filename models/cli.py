@@ -7,9 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.data import FORMATS
-from models.dlrm import PRESETS
-from models.embeddings import KINDS, SEMANTIC_MODES
+from models.names import EMBEDDING_KINDS, FORMATS, PRESET_NAMES, SEMANTIC_MODES
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -44,8 +42,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-rows", type=int, default=0, help="read at most this many rows (0: all)")
     d.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="parsed-array cache")
     m = p.add_argument_group("model")
-    m.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    m.add_argument("--embedding", choices=KINDS, default="lma")
+    m.add_argument("--preset", choices=PRESET_NAMES, default="small")
+    m.add_argument("--embedding", choices=EMBEDDING_KINDS, default="lma")
     m.add_argument("--dim", type=int, default=0, help="embedding dimension (0: the preset's)")
     m.add_argument("--compression", type=float, default=16.0)
     m.add_argument("--block-size", type=int, default=0, help="Z (0: gcd(8, dim))")

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from models.names import FORMATS
 from models.schema import (
     AVAZU_CATEGORICAL,
     AVAZU_COLUMNS,
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("criteo", "criteo-csv", "avazu")
 
 # Reasons a line is skipped (the keys of ReadStats.reasons).
 DECODE = "decode"  # bytes that are not UTF-8 text (or hold a NUL)

@@ -49,7 +49,9 @@ class DLRMConfig:
             raise ValueError(f"layer sizes must be >= 1, got bottom={self.bottom} top={self.top}")
 
     @classmethod
-    def from_preset(cls, preset: str, num_dense: int, num_fields: int, embedding_dim: int | None = None) -> "DLRMConfig":
+    def from_preset(
+        cls, preset: str, num_dense: int, num_fields: int, embedding_dim: int | None = None
+    ) -> "DLRMConfig":
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         p = PRESETS[preset]
@@ -110,7 +112,9 @@ class DLRM(nn.Module):
         self.num_dense = config.num_dense
         self.has_dense = config.num_dense > 0
         d = config.embedding_dim
-        self.bottom = mlp([config.num_dense, *config.bottom, d], final_activation=True) if self.has_dense else nn.Sequential()
+        self.bottom = (
+            mlp([config.num_dense, *config.bottom, d], final_activation=True) if self.has_dense else nn.Sequential()
+        )
         self.embedding = embedding
         n = config.num_fields + (1 if self.has_dense else 0)
         self.interaction = DotInteraction(n)

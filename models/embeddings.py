@@ -19,11 +19,9 @@ Both are built from an :class:`EmbeddingConfig` plus sizes; the weights and tabl
 safetensors state dict restores them exactly.
 """
 
-
 import math
 from dataclasses import asdict, dataclass, fields
-
-from typing import List
+from typing import List  # noqa: UP035 (TorchScript reads typing.List)
 
 import numpy as np
 import torch
@@ -31,9 +29,9 @@ from torch import nn
 
 from models import inthash
 from models.hashtable import StaticHashTable, buckets_for_bytes, table_bytes
+from models.names import EMBEDDING_KINDS as KINDS
+from models.names import SEMANTIC_MODES
 
-KINDS = ("full", "hash", "lma")
-SEMANTIC_MODES = ("rows", "context")
 FLOAT_BYTES = 4
 
 
@@ -101,9 +99,7 @@ class EmbeddingConfig:
         if self.per_block * 2 ** (31 + self.bits) >= 2**53:
             # The block hash sums K products below 2**(31 + bits); ONNX Runtime's ReduceSum on int64
             # goes through double, so the sum must stay exact in 53 bits.
-            raise ValueError(
-                f"per_block={self.per_block} with bits={self.bits} makes block-hash sums exceed 2**53"
-            )
+            raise ValueError(f"per_block={self.per_block} with bits={self.bits} makes block-hash sums exceed 2**53")
         if not 0.0 <= self.signature_share < 1.0:
             raise ValueError(f"signature_share must be in [0, 1), got {self.signature_share}")
         if self.semantic not in SEMANTIC_MODES:

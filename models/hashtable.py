@@ -11,8 +11,7 @@ Used twice: the LMA embedding maps keys to minhash signatures, the full embeddin
 Memory: ``num_buckets * slots * 16`` bytes (keys and values, empty slots included), plus six seeds.
 """
 
-
-from typing import List
+from typing import ClassVar, List  # noqa: UP035 (TorchScript reads typing.List)
 
 import numpy as np
 import torch
@@ -143,7 +142,7 @@ class StaticHashTable(nn.Module):
         [[50, -1]]
     """
 
-    __jit_unused_properties__ = ["memory_bytes"]
+    __jit_unused_properties__: ClassVar[list[str]] = ["memory_bytes"]
     params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
 
     def __init__(self, num_buckets: int, slots: int) -> None:

@@ -37,7 +37,7 @@ AVAZU_COLUMNS = (
     "device_type", "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
 )  # fmt: skip
 # `hour` (YYMMDDHH) becomes two fields; `id` and `click` are not features.
-AVAZU_CATEGORICAL = ("hour_of_day", "weekday") + AVAZU_COLUMNS[3:]
+AVAZU_CATEGORICAL = ("hour_of_day", "weekday", *AVAZU_COLUMNS[3:])
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ class FeatureSchema:
             raise ValueError(f"unknown dense_transform {self.dense_transform!r}; this build knows {DENSE_TRANSFORM!r}")
         if not 0 <= self.hash_seed < 2**63:
             raise ValueError(f"hash_seed must be in [0, 2**63), got {self.hash_seed}")
-        object.__setattr__(
-            self, "_hashers", [_FieldHasher(self.hash_seed, n) for n in self.categorical_names]
-        )
+        object.__setattr__(self, "_hashers", [_FieldHasher(self.hash_seed, n) for n in self.categorical_names])
 
     @property
     def num_dense(self) -> int:
@@ -130,7 +128,7 @@ class FeatureSchema:
 class _FieldHasher:
     """Seeded BLAKE2b-64 of one field's raw values, with a bounded cache for hot values."""
 
-    __slots__ = ("_h", "_cache", "missing")
+    __slots__ = ("_cache", "_h", "missing")
 
     def __init__(self, seed: int, field_name: str) -> None:
         key = hashlib.blake2b(seed.to_bytes(8, "little") + field_name.encode("utf-8")).digest()[:32]

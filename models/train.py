@@ -178,7 +178,9 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
     return torch.optim.Adam(params, lr=settings.lr)
 
 
-def build_run_config(settings: TrainSettings, prepared: "data_mod.Prepared", train_idx: np.ndarray) -> tuple[RunConfig, dict[str, Any]]:
+def build_run_config(
+    settings: TrainSettings, prepared: "data_mod.Prepared", train_idx: np.ndarray
+) -> tuple[RunConfig, dict[str, Any]]:
     """Token statistics of the training split -> sizes, and for ``full`` the vocabulary."""
     emb = settings.embedding
     tokens, counts = data_mod.distinct_tokens(prepared, train_idx)
@@ -204,8 +206,14 @@ def build_run_config(settings: TrainSettings, prepared: "data_mod.Prepared", tra
     return cfg, extra
 
 
-def fill_tables(model: CTRModel, cfg: RunConfig, settings: TrainSettings, prepared: "data_mod.Prepared",
-                train_idx: np.ndarray, extra: dict[str, Any]) -> dict[str, Any]:
+def fill_tables(
+    model: CTRModel,
+    cfg: RunConfig,
+    settings: TrainSettings,
+    prepared: "data_mod.Prepared",
+    train_idx: np.ndarray,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """Vocabulary index (full) or signature table (lma); returns a report for config.json."""
     emb_cfg = cfg.embedding
     emb = model.dlrm.embedding
@@ -261,7 +269,12 @@ def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
     torch.manual_seed(settings.seed)
     schema = data_mod.schema_for_format(settings.format)
     prepared = data_mod.prepare(
-        settings.data, settings.format, settings.cache_dir, schema, max_rows=settings.max_rows, progress=settings.progress
+        settings.data,
+        settings.format,
+        settings.cache_dir,
+        schema,
+        max_rows=settings.max_rows,
+        progress=settings.progress,
     )
     splits = prepared.split(settings.split, settings.val_fraction, settings.test_fraction, settings.seed)
     train_idx, val_idx, test_idx = splits["train"], splits["val"], splits["test"]
@@ -295,7 +308,9 @@ def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
     model.train()
     for epoch in range(1, settings.epochs + 1):
         t0, n, running = time.perf_counter(), 0, 0.0
-        batches = data_mod.iter_batches(prepared, train_idx, settings.batch_size, shuffle=True, seed=settings.seed + epoch)
+        batches = data_mod.iter_batches(
+            prepared, train_idx, settings.batch_size, shuffle=True, seed=settings.seed + epoch
+        )
         total = math.ceil(train_idx.size / settings.batch_size)
         bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not settings.progress, unit="batch")
         for i, (dense, keys, labels) in enumerate(bar):

@@ -21,30 +21,64 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import Receive, Scope, Send
 
 from server import schemas
 from server.engine import Engine
 from server.errors import register_error_handlers
 from server.features import open_feature_store
-from server.http import RequestContextMiddleware
+from server.http import RequestContextMiddleware, RequestRecorder
 from server.logs import configure_logging
 from server.metrics import Metrics, multiprocess_dir
 from server.registry import ModelRegistry
 from server.routes import ROUTERS
+from server.routes.scoring import ScoringRoutes
 from server.settings import Settings, load_settings
 
 log = logging.getLogger("lma.server")
 
 
-def _start_model_updates(settings: Settings, registry: ModelRegistry) -> asyncio.Task[None] | None:
-    """The source of new model versions: the repository folder watcher.
+# How long start-up waits for the Redis channel to catch up with the published versions before it
+# reports ready with the folder's versions (a replica must not serve a stale version when Redis is up,
+# and must not hang when Redis is down).
+CHANNEL_CATCH_UP_S = 5.0
 
-    With LMA_REDIS_URL set, the Redis model-update subscriber (which calls ``registry.swap``) takes
-    this place (DESIGN section 8).
+
+async def _start_model_updates(settings: Settings, registry: ModelRegistry) -> asyncio.Task[None] | None:
+    """The source of new model versions: with LMA_REDIS_URL, the Redis model-update subscriber
+    (``lma publish`` announces, every replica swaps through ``registry.swap``); without Redis, the
+    repository folder watcher (DESIGN section 8).
     """
+    if settings.redis_url:
+        from server.model_channel import ModelUpdateSubscriber, registry_callback
+
+        subscriber = ModelUpdateSubscriber(settings.redis_url, registry_callback(registry))
+        task = asyncio.get_running_loop().create_task(subscriber.run(), name="lma-model-updates")
+        try:
+            await asyncio.wait_for(subscriber.connected.wait(), CHANNEL_CATCH_UP_S)
+        except TimeoutError:
+            log.warning(
+                "model-update channel not caught up within %.0f s; serving the folder's versions meanwhile",
+                CHANNEL_CATCH_UP_S,
+            )
+        return task
     if settings.watch_interval_s <= 0:
         return None
     return asyncio.get_running_loop().create_task(registry.watch(settings.watch_interval_s), name="lma-model-watch")
+
+
+class LmaApp(FastAPI):
+    """FastAPI, with the scoring routes served as plain ASGI in front of it (see :mod:`server.routes.scoring`)."""
+
+    scoring: ScoringRoutes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.scoring.route(scope)
+            if route is not None:
+                await self.scoring(scope, receive, send, route)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -63,7 +97,7 @@ def build_app(settings: Settings) -> FastAPI:
             raise
         app.state.engine = engine
         metrics.set_device_memory_source(engine.device_memory)
-        updates = _start_model_updates(settings, registry)
+        updates = await _start_model_updates(settings, registry)
         log.info(
             "ready",
             extra={"fields": {"models": [f"{m['name']}:{m['version']}" for m in engine.models()],
@@ -83,7 +117,7 @@ def build_app(settings: Settings) -> FastAPI:
                 multiprocess.mark_process_dead(os.getpid())
             log.info("stopped")
 
-    app = FastAPI(
+    app = LmaApp(
         title="LMA CTR server",
         summary="Click-through-rate models with LMA embeddings: native and Open Inference Protocol v2 APIs.",
         version="1",
@@ -94,7 +128,9 @@ def build_app(settings: Settings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     register_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    recorder = RequestRecorder(metrics, log_requests=settings.access_log)
+    app.add_middleware(RequestContextMiddleware, recorder=recorder)
+    app.scoring = ScoringRoutes(app.state, settings, recorder)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -186,3 +186,10 @@ class TestCTRModel:
         for name, p in model.named_parameters():
             assert p.grad is not None, name
         assert model.dlrm.embedding.memory.grad.abs().sum() > 0
+
+
+def test_cli_preset_names_are_the_presets() -> None:
+    from models.dlrm import PRESETS
+    from models.names import PRESET_NAMES
+
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models.checkpoint import load_run
+from models.embeddings import EmbeddingConfig
 from models.main import main
 from models.synth import synthesize
 from models.train import TrainSettings, log_loss, roc_auc, train
-from models.embeddings import EmbeddingConfig
 
 
 @pytest.fixture(scope="module")
