@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.dlrm import DLRM, CTRModel, DLRMConfig, build_embedding
-from models.embeddings import FLOAT_BYTES, EmbeddingConfig
+from models.embeddings import FLOAT_BYTES, EmbeddingConfig, FullEmbedding, SharedMemoryEmbedding
 from models.schema import FeatureSchema
 
 RUN_FORMAT = "lma-run/1"
@@ -122,7 +122,7 @@ def memory_accounting(model: CTRModel, full_embedding_bytes: int) -> dict[str, A
     memory, the whole signature table (keys, values, empty slots) and the hash seeds; for ``full``
     its table and its in-graph vocabulary index.
     """
-    emb = model.dlrm.embedding
+    emb: FullEmbedding | SharedMemoryEmbedding = model.dlrm.embedding  # type: ignore[assignment]
     parts = {k: int(v) for k, v in emb.memory_parts().items()}
     embedding_bytes = sum(parts.values())
     dense_bytes = sum(

@@ -86,6 +86,8 @@ def mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
 class DotInteraction(nn.Module):
     """Upper triangle (no diagonal) of the pairwise dot products of N vectors."""
 
+    flat_index: torch.Tensor
+
     def __init__(self, num_vectors: int) -> None:
         super().__init__()
         rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)

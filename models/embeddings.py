@@ -21,7 +21,7 @@ safetensors state dict restores them exactly.
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import List  # noqa: UP035 (TorchScript reads typing.List)
+from typing import TYPE_CHECKING, List  # noqa: UP035 (TorchScript reads typing.List)
 
 import numpy as np
 import torch
@@ -175,6 +175,13 @@ class SharedMemoryEmbedding(nn.Module):
     """
 
     fallback_params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
+    fallback_hash_params: torch.Tensor
+    divisors: torch.Tensor
+    multipliers: torch.Tensor
+    offsets: torch.Tensor
+    block_arange: torch.Tensor
+    if TYPE_CHECKING:  # for mypy only: TorchScript refuses module-typed class annotations
+        signatures: StaticHashTable
 
     def __init__(self, config: EmbeddingConfig, num_fields: int, layout: SharedMemoryLayout) -> None:
         super().__init__()
@@ -262,6 +269,10 @@ class FullEmbedding(nn.Module):
         >>> emb(torch.tensor([[1, 2]]))[0].shape
         torch.Size([1, 2, 4])
     """
+
+    oov_rows: torch.Tensor
+    if TYPE_CHECKING:  # for mypy only (see above)
+        vocabulary: StaticHashTable
 
     def __init__(self, config: EmbeddingConfig, num_fields: int, vocab_size: int, table_buckets: int) -> None:
         super().__init__()

@@ -144,6 +144,10 @@ class StaticHashTable(nn.Module):
 
     __jit_unused_properties__: ClassVar[list[str]] = ["memory_bytes"]
     params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
+    table_keys: torch.Tensor
+    table_values: torch.Tensor
+    hash_params: torch.Tensor
+    slot_arange: torch.Tensor
 
     def __init__(self, num_buckets: int, slots: int) -> None:
         super().__init__()

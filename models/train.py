@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models import data as data_mod
 from models.checkpoint import RunConfig, build_model, memory_accounting, save_run
 from models.dlrm import CTRModel, DLRMConfig
-from models.embeddings import FLOAT_BYTES, EmbeddingConfig, SharedMemoryEmbedding
+from models.embeddings import FLOAT_BYTES, EmbeddingConfig, FullEmbedding, SharedMemoryEmbedding
 from models.hashtable import build_table
 from models.signatures import compute_signatures
 
@@ -224,6 +224,7 @@ def fill_tables(
         )
         if report["dropped"]:
             raise RuntimeError(f"vocabulary index dropped {report['dropped']} tokens; raise table size")
+        assert isinstance(emb, FullEmbedding)
         emb.vocabulary.load(keys, values, params)
         return {"vocabulary": dict(report, vocab_size=int(vocab.size))}
     if emb_cfg.kind == "hash":
