@@ -124,8 +124,9 @@ def export_onnx(model: CTRModel, schema: FeatureSchema, path: Path, exporter: st
     """Write ``model`` as ONNX (opset :data:`ONNX_OPSET`, dynamic batch) and check it with onnx.checker.
 
     ``legacy`` (TorchScript-based ``torch.onnx.export(dynamo=False)``) is the default: it exports
-    in a fraction of a second where ``dynamo`` takes several, and its graph ran as fast in ONNX
-    Runtime (docs/EXPORT.md); both give identical integer results.
+    in a fraction of a second where ``dynamo`` takes several, and its graph ran faster in ONNX
+    Runtime (docs/EXPORT.md: dynamo emits GatherND plus index-wrapping ops for every advanced
+    index); both give identical integer results.
 
     A graph whose weights pass :data:`EXTERNAL_DATA_BYTES` (a full-embedding model at Criteo scale;
     protobuf caps one file at 2 GiB) keeps them in one side file, :data:`ONNX_DATA_FILE`, next to it.
