@@ -1,7 +1,85 @@
-"""`lma` subcommands of the loadtest package (registered through the lma.commands entry point)."""
+"""`lma bench` (registered through the lma.commands entry point): the benchmark harness of loadtest/bench.py.
+
+lma bench                                              # demo model, 1 and 2 workers, ~4 minutes
+lma bench --model-dir artifacts/demo --duration 10 --concurrency 1,8,32,64 --out docs/BENCHMARKS.md
+"""
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this package's subcommands (none yet)."""
+    p = sub.add_parser(
+        "bench",
+        help="start a server, load it (closed and open loop), write a Markdown report with a plot",
+        description="Start `lma serve` on a free loopback port, drive it with the built-in load generator and "
+        "write the report (see loadtest/bench.py). Without --model-dir a small demo model is built first.",
+    )
+    p.add_argument("--model-dir", type=Path, help="a bundle, artifacts/NAME (latest version), or a one-model repo")
+    p.add_argument("--data", type=Path, help="rows to replay (default: the demo data, or synthetic Criteo rows)")
+    p.add_argument("--format", default="criteo", help="format of --data (criteo, criteo-csv, avazu)")
+    p.add_argument("--workers", default="1,2", help="server worker counts to measure (default 1,2)")
+    p.add_argument("--runtime", default="onnx", choices=("onnx", "torchscript"))
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per request kind (default 1)")
+    p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop connection counts (default 1,8,32,64)")
+    p.add_argument("--batch", type=int, default=32, help="samples per batched request (default 32)")
+    p.add_argument(
+        "--rates", default="", help="open-loop rates in requests/s (default: 0.5, 0.8 and 2x the best closed-loop rate)"
+    )
+    p.add_argument("--rate-fractions", default="0.5,0.8,2", help="open-loop rates as fractions of the best rate")
+    p.add_argument("--max-connections", type=int, default=4096, help="open loop: most requests in flight")
+    p.add_argument(
+        "--no-variants", action="store_true", help="skip the 1-worker LMA_MAX_WAIT_MS=0 and LMA_MAX_BATCH_SIZE=1 runs"
+    )
+    p.add_argument("--access-log", action="store_true", help="keep the per-request access log on (default off)")
+    p.add_argument(
+        "--server-env", action="append", default=[], metavar="LMA_X=VALUE", help="a server setting (repeatable)"
+    )
+    p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"), help="the Markdown report")
+    p.add_argument("--plot", type=Path, help="the latency/throughput plot (default: --out with .png)")
+    p.add_argument("--json", type=Path, help="also write every number as JSON here")
+    p.add_argument("--work-dir", type=Path, help="keep the demo model and server logs here (default: temporary)")
+    p.add_argument("--demo-rows", type=int, default=20000, help="rows of the demo model's synthetic data")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loadtest.bench import BenchConfig, dump_json, parse_list, run_bench, write_report
+
+    env = []
+    for item in args.server_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("LMA_"):
+            raise ValueError(f"--server-env: expected LMA_NAME=VALUE, got {item!r}")
+        env.append((key, value))
+    cfg = BenchConfig(
+        model_dir=args.model_dir,
+        data=args.data,
+        data_format=args.format,
+        workers=parse_list(args.workers, int, "--workers"),
+        runtime=args.runtime,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        concurrency=parse_list(args.concurrency, int, "--concurrency"),
+        batch_size=args.batch,
+        rates=parse_list(args.rates, float, "--rates") if args.rates.strip() else (),
+        rate_fractions=parse_list(args.rate_fractions, float, "--rate-fractions"),
+        max_connections=args.max_connections,
+        variants=not args.no_variants,
+        access_log=args.access_log,
+        server_env=tuple(env),
+        out=args.out,
+        plot=args.plot,
+        work_dir=args.work_dir,
+        demo_rows=args.demo_rows,
+        command="lma " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "lma bench",
+    )
+    report = run_bench(cfg, say=lambda line: print(line, flush=True))
+    write_report(report, cfg.out, cfg.plot_path)
+    if args.json:
+        dump_json(report, args.json)
+    print(f"wrote {cfg.out} and {cfg.plot_path} in {report.wall_s:.0f} s")
+    return 0

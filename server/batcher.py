@@ -1,12 +1,14 @@
 """Dynamic batching: one :class:`Batcher` per loaded model version.
 
 Requests wait in a bounded FIFO; one background task forms batches and hands each to the model's
-runtime in a dedicated thread (the event loop never blocks on inference), then resolves every
-request's future with its own rows of the scores.
+runtime in a dedicated thread (the event loop never blocks on long inference; batches expected to take
+under ``INLINE_MAX_S`` run on the loop itself), then resolves every request's future with its own rows
+of the scores.
 
 - A batch is flushed when ``max_batch_size`` samples are queued, or when the oldest queued request
   has waited ``max_wait_ms`` (0: at once), or at shutdown.
-- A full queue (``max_queue`` requests) rejects at once: :class:`~server.errors.Overloaded` (503).
+- A full queue (``max_queue`` requests, or an oldest request that has waited half its deadline) rejects
+  at once: :class:`~server.errors.Overloaded` (503); see :meth:`Batcher.admit`.
 - A request whose deadline passed before its first row was dispatched gets
   :class:`~server.errors.DeadlineExceeded` (504) and costs the model nothing.
 - A request whose caller went away (its future cancelled) leaves the queue at once; a request
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +40,13 @@ from server.runtimes import Runtime
 from server.types import Batch, Scores
 
 log = logging.getLogger(__name__)
+# A batch the runtime is expected to score within this time (its warm-up timings) runs on the event loop
+# itself: handing it to the runtime thread costs more than it saves (a thread wake-up, a future, and the
+# two threads trading the GIL, which on 2 cores took ~20% more CPU per request and, with 2 workers,
+# 1.5x the throughput: docs/BENCHMARKS.md). Longer batches go to the runtime thread, so that the event
+# loop keeps reading requests meanwhile and never stalls for long.
+INLINE_MAX_S = 0.002
+LOOP_LAG_SHARE = 0.1  # of a request's budget: event-loop lag beyond this refuses new requests (see Batcher.admit)
 
 
 class _Pending:
@@ -57,7 +67,7 @@ class Batcher:
     """Queue + batch former + runtime thread of one model version.
 
     Args:
-        runtime: the loaded graph; only the batcher's thread calls it.
+        runtime: the loaded graph; only the batcher calls it, one batch at a time.
         name: model name (thread name, messages).
         max_batch_size: samples per runtime call.
         max_wait_ms: longest the oldest queued request waits for a fuller batch.
@@ -109,18 +119,49 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
         self._task.add_done_callback(self._on_loop_done)
 
-    async def submit(self, batch: Batch, deadline: float) -> Scores:
-        """Queue ``batch`` and wait for its scores; ``deadline`` is a :func:`time.monotonic` time."""
+    def admit(self, now: float, loop_lag_s: float = 0.0, budget_s: float = math.inf) -> None:
+        """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request arriving ``now`` must be refused.
+
+        The engine asks before it parses a request, so that an overloaded server spends next to nothing on
+        the requests it turns away; :meth:`submit` asks again. A queue is full when it holds ``max_queue``
+        requests, or when its oldest request has already waited half of its time budget (deadline minus
+        arrival): requests behind it would then spend most of theirs queued and end in 504s, so the
+        excess is refused at once instead, and the requests accepted keep their deadline. The same holds
+        when the event loop itself runs ``loop_lag_s`` late, more than a tenth of the new request's
+        ``budget_s``: then requests wait unseen in socket buffers before any queue, and taking more
+        only makes every request later.
+        """
         if self._closing or self._task is None:
             self._m.rejected["not_ready"].inc()
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
-        if len(self._queue) >= self.max_queue:
+        if loop_lag_s > LOOP_LAG_SHARE * budget_s:
+            self._m.rejected["queue_full"].inc()
+            raise Overloaded(
+                f"model {self.name!r} is overloaded: the server runs {loop_lag_s * 1000:.0f} ms behind; retry later"
+            )
+        queue = self._queue
+        if not queue:
+            return
+        if len(queue) >= self.max_queue:
             self._m.rejected["queue_full"].inc()
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
+        head = queue[0]
+        waited = now - head.enqueued
+        if head.next_row == 0 and now < head.deadline and waited > 0.5 * (head.deadline - head.enqueued):
+            self._m.rejected["queue_full"].inc()
+            raise Overloaded(
+                f"model {self.name!r} is overloaded: its oldest queued request has waited {waited * 1000:.0f} ms,"
+                " half of its deadline; retry later"
+            )
+
+    async def submit(self, batch: Batch, deadline: float) -> Scores:
+        """Queue ``batch`` and wait for its scores; ``deadline`` is a :func:`time.monotonic` time."""
+        now = time.monotonic()
+        self.admit(now)
         if len(batch) == 0:
             return Scores(np.zeros(0, np.float32), np.zeros(0, np.int64))
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
-        pending = _Pending(batch, future, deadline, time.monotonic())
+        pending = _Pending(batch, future, deadline, now)
         self._queue.append(pending)
         self._queued_rows += len(batch)
         self._m.queue_depth.set(len(self._queue))
@@ -223,7 +264,11 @@ class Batcher:
     async def _dispatch(self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Pending, int, int]]) -> None:
         batch = Batch.concatenate([p.batch.slice(start, stop) for p, start, stop in parts])
         try:
-            scores = await loop.run_in_executor(self._executor, self._run, batch)
+            cost = self._runtime.expected_seconds(len(batch))
+            if cost is not None and cost <= INLINE_MAX_S:
+                scores = self._run(batch)  # short: cheaper than a thread hand-off (see INLINE_MAX_S)
+            else:
+                scores = await loop.run_in_executor(self._executor, self._run, batch)
         except asyncio.CancelledError:
             self._fail([p for p, _, _ in parts], lambda: NotReady(f"model {self.name!r} shut down while scoring"))
             raise
@@ -246,7 +291,7 @@ class Batcher:
                 p.future.set_result(Scores.concatenate(p.parts))
 
     def _run(self, batch: Batch) -> Scores:
-        """Runs in the runtime thread."""
+        """Runs in the runtime thread (or on the event loop, for batches under ``INLINE_MAX_S``)."""
         start = time.perf_counter()
         scores = self._runtime.run(batch)
         elapsed = time.perf_counter() - start

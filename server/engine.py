@@ -31,6 +31,37 @@ from server.types import Batch, Scores, Tensor
 log = logging.getLogger("lma.server.engine")
 
 
+class LoopLag:
+    """How late the event loop runs a timer: how long a new request already waits before any handler sees it.
+
+    A task sleeps ``interval_s`` at a time and records by how much each wake-up came late. When the loop
+    is saturated (more ready callbacks per turn than it gets through), that lateness is the wait of the
+    requests sitting unread in socket buffers, which no queue of ours can see.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start measuring (idempotent; needs a running loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="lma-loop-lag")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.interval_s)
+            self.lag_s = max(0.0, loop.time() - before - self.interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     model: str
@@ -49,6 +80,7 @@ class Engine:
         self._store_timeout_s = settings.feature_store_timeout_ms / 1000.0
         self._max_instances = settings.max_instances_per_request
         self._closing = False
+        self.loop_lag = LoopLag()
 
     # --- state ---
 
@@ -86,10 +118,21 @@ class Engine:
 
     # --- scoring ---
 
+    def admit(self, name: str | None, version: str | None = None) -> None:
+        """Refuse now (404, 503) what :meth:`predict` / :meth:`infer` would refuse before any work.
+
+        Routes call this before reading the body: an overloaded server spends as little as it can on
+        the requests it turns away.
+        """
+        self.model(name, version).batcher.admit(time.monotonic(), self.loop_lag.lag_s, self._timeout_s)
+        self.loop_lag.start()
+
     async def predict(self, name: str | None, instances: object, timings: dict[str, float] | None = None) -> Prediction:
         """Score native instances (see :mod:`server.featurize`) with model ``name`` (None: default)."""
-        deadline = time.monotonic() + self._timeout_s
+        now = time.monotonic()
+        deadline = now + self._timeout_s
         mv = self.model(name)
+        mv.batcher.admit(now, self.loop_lag.lag_s, self._timeout_s)  # refused before any parsing
         mv.acquire()
         try:
             start = time.perf_counter()
@@ -105,8 +148,10 @@ class Engine:
         self, name: str, tensors: Sequence[Tensor], version: str | None = None, timings: dict[str, float] | None = None
     ) -> Prediction:
         """Score Open Inference Protocol input tensors with model ``name``."""
-        deadline = time.monotonic() + self._timeout_s
+        now = time.monotonic()
+        deadline = now + self._timeout_s
         mv = self.model(name, version)
+        mv.batcher.admit(now, self.loop_lag.lag_s, self._timeout_s)
         mv.acquire()
         try:
             start = time.perf_counter()
@@ -148,6 +193,9 @@ class Engine:
             raise FeatureStoreUnavailable(f"feature store failed: {e}") from None
         finally:
             self.metrics.feature_store_duration.labels(mv.name).observe(time.perf_counter() - start)
+        hits = sum(1 for row in rows if row)
+        self.metrics.feature_store_hits.labels(mv.name).inc(hits)
+        self.metrics.feature_store_misses.labels(mv.name).inc(len(rows) - hits)
         stored = dict(zip(unique, rows, strict=True))
         mv.featurizer.merge_stored(parsed, [stored.get(e) if e else None for e in parsed.entities])
 
@@ -167,5 +215,6 @@ class Engine:
     async def close(self) -> None:
         """Refuse new work (readiness turns false), finish queued work, release models and the store."""
         self._closing = True
+        await self.loop_lag.close()
         await self.registry.close()
         await self.store.close()

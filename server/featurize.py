@@ -62,6 +62,7 @@ class _Features:
         self.names = names
         self.index = {n: j for j, n in enumerate(names)}
         self.accepted = accepted  # exact types (bool is not int here)
+        self.accepted_or_null = accepted | {type(None)}
         self.missing = missing
         self.expected = expected
         self.what = what
@@ -132,9 +133,8 @@ class Featurizer:
             policy = inst.get("missing_entity")
             if policy is not None:
                 if policy not in MISSING_ENTITY_POLICIES:
-                    raise InvalidInput(
-                        f"instances[{i}].missing_entity: expected one of {list(MISSING_ENTITY_POLICIES)}, got {policy!r}"
-                    )
+                    expected = list(MISSING_ENTITY_POLICIES)
+                    raise InvalidInput(f"instances[{i}].missing_entity: expected one of {expected}, got {policy!r}")
                 if policy == "defaults":
                     defaults_ok = set() if defaults_ok is None else defaults_ok
                     defaults_ok.add(i)
@@ -148,15 +148,16 @@ class Featurizer:
         if type(values) is list:
             if len(values) != n:
                 raise InvalidInput(f"instances[{i}].{f.key}: expected {n} values {f.shown}, got {len(values)}")
-            has_null = False
-            for j, v in enumerate(values):
-                if type(v) not in f.accepted:
-                    if v is not None:
+            types = set(map(type, values))  # one C-level pass; the loop below only runs to name a bad value
+            if types <= f.accepted:
+                return values
+            if not types <= f.accepted_or_null:
+                for j, v in enumerate(values):
+                    if type(v) not in f.accepted_or_null:
                         raise InvalidInput(
                             f"instances[{i}].{f.key}[{j}] ({f.names[j]}): expected {f.expected}, got {json_type(v)}"
                         )
-                    has_null = True
-            return [f.missing if v is None else v for v in values] if has_null and f.missing is not None else values
+            return values if f.missing is None else [f.missing if v is None else v for v in values]
         if type(values) is dict:
             row = [f.missing] * n
             for name, v in values.items():

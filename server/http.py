@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 import zlib
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, error_response
+from server.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, ServingError, error_response
 from server.metrics import Metrics
 
 log = logging.getLogger("lma.server")
@@ -25,6 +26,9 @@ access_log = logging.getLogger("lma.server.access")
 T = TypeVar("T")
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID = 128
+JSON = b"application/json"
+_ids = random.Random()  # seeded from os.urandom; reseeded in forked children so that ids never repeat across them
+os.register_at_fork(after_in_child=_ids.seed)
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -38,23 +42,46 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body (gzip/deflate decoded), refusing more than ``limit`` bytes with 413."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"body: {length} bytes, more than the limit of {limit} (LMA_MAX_BODY_BYTES)")
-    chunks = []
+    return await receive_body(request.scope["headers"], request.receive, limit)
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower case) in an ASGI header list, or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+async def receive_body(headers: list[tuple[bytes, bytes]], receive: Receive, limit: int) -> bytes:
+    """The body of an ASGI request (gzip/deflate decoded), refusing more than ``limit`` bytes with 413."""
+    length = header(headers, b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"body: {length.decode()} bytes, more than the limit of {limit} (LMA_MAX_BODY_BYTES)")
+    body = b""
+    chunks: list[bytes] | None = None
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body: more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientDisconnected("client closed the connection while sending the body") from None
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    encoding = request.headers.get("content-encoding")
-    if encoding and encoding != "identity":
-        body = _decompress(body, encoding, limit)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientDisconnected("client closed the connection while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body: more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
+        if not message.get("more_body", False):
+            if chunks is None:
+                body = chunk
+            else:
+                chunks.append(chunk)
+                body = b"".join(chunks)
+            break
+        if chunks is None:
+            chunks = []
+        chunks.append(chunk)
+    encoding = header(headers, b"content-encoding")
+    if encoding and encoding != b"identity":
+        body = _decompress(body, encoding.decode("latin-1"), limit)
     return body
 
 
@@ -72,6 +99,43 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+# A request still running after this long starts watching for its client going away. Most requests are
+# answered sooner (the batcher waits LMA_MAX_WAIT_MS, 2 ms by default) and never pay for a watcher task;
+# a client that left earlier is still noticed at once then, as receive() reports a past disconnect
+# immediately. So a vanished client's request costs the model at most this much more than before.
+DISCONNECT_WATCH_AFTER_S = 0.010
+
+
+class _DisconnectWatch:
+    """Cancels ``task`` when ``receive()`` reports that the client disconnected (see await_unless_disconnected)."""
+
+    __slots__ = ("finished", "gone", "receive", "task", "watcher")
+
+    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+        self.task = task
+        self.receive = receive
+        self.watcher: asyncio.Future[Message] | None = None
+        self.finished = False
+        self.gone = False
+
+    def start(self) -> None:
+        if not self.finished:
+            self.watcher = asyncio.ensure_future(self.receive())
+            self.watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, watcher: asyncio.Future[Message]) -> None:
+        if self.finished or watcher.cancelled() or watcher.exception() is not None:
+            return
+        if watcher.result().get("type") == "http.disconnect":
+            self.gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.finished = True
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
 async def await_unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`.
 
@@ -81,26 +145,17 @@ async def await_unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -
     """
     task = asyncio.current_task()
     assert task is not None
-    state = {"finished": False, "gone": False}
-
-    def on_message(watcher: asyncio.Future[Message]) -> None:
-        if state["finished"] or watcher.cancelled() or watcher.exception() is not None:
-            return
-        if watcher.result().get("type") == "http.disconnect":
-            state["gone"] = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(receive())
-    watcher.add_done_callback(on_message)
+    watch = _DisconnectWatch(task, receive)
+    timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch.start)
     try:
         return await awaitable
     except asyncio.CancelledError:
-        if state["gone"] and task.uncancel() == 0:
+        if watch.gone and task.uncancel() == 0:
             raise ClientDisconnected("client closed the connection before the response was ready") from None
         raise
     finally:
-        state["finished"] = True
-        watcher.cancel()
+        timer.cancel()
+        watch.stop()
 
 
 class RequestContext:
@@ -118,21 +173,89 @@ class RequestContext:
 def request_context(request: Request) -> RequestContext:
     ctx = request.scope.get("lma")
     if ctx is None:  # app used without the middleware (never in build_app)
-        ctx = request.scope["lma"] = RequestContext(_new_request_id())
+        ctx = request.scope["lma"] = RequestContext(new_request_id())
     return ctx  # type: ignore[no-any-return]
 
 
-def _new_request_id() -> str:
-    return os.urandom(12).hex()
+def new_request_id() -> str:
+    """24 random hex digits (from the process's PRNG: an id must be unique, not unguessable; no syscall)."""
+    return f"{_ids.getrandbits(96):024x}"
 
 
-def _client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
-    for key, value in headers:
-        if key == b"x-request-id":
-            if 0 < len(value) <= _MAX_REQUEST_ID and all(33 <= c < 127 for c in value):
-                return value.decode("ascii")
-            return None
+def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's X-Request-ID when it is a safe token (printable ASCII, no spaces, at most 128 bytes)."""
+    value = header(headers, b"x-request-id")
+    if value is not None and 0 < len(value) <= _MAX_REQUEST_ID and all(33 <= c < 127 for c in value):
+        return value.decode("ascii")
     return None
+
+
+class Reply:
+    """A response body with its media type and extra headers, sent by FastAPI routes and raw ASGI alike."""
+
+    __slots__ = ("body", "headers", "media_type", "status")
+
+    def __init__(
+        self, body: bytes, status: int = 200, media_type: bytes = JSON, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.media_type = media_type
+        self.headers = headers or []
+
+    @classmethod
+    def error(cls, exc: ServingError) -> Reply:
+        body = orjson.dumps({"error": exc.message, "kind": exc.kind})
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers().items()]
+        return cls(body, exc.status, JSON, headers)
+
+    def response(self) -> Response:
+        response = Response(self.body, status_code=self.status)
+        response.raw_headers = self._headers()
+        return response
+
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        # the headers (and order) Starlette's Response gives: extra headers, content-length, content-type
+        return [*self.headers, (b"content-length", b"%d" % len(self.body)), (b"content-type", self.media_type)]
+
+    async def send(self, send: Send, extra: tuple[bytes, bytes]) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": [*self._headers(), extra]})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class RequestRecorder:
+    """Counts, times and logs each finished request (one per app: the middleware and the scoring routes)."""
+
+    def __init__(self, metrics: Metrics, log_requests: bool = True) -> None:
+        self.metrics = metrics
+        self.log_requests = log_requests
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._histograms: dict[tuple[str, str], Any] = {}
+
+    def finish(self, method: str, route: str, ctx: RequestContext, status: int, elapsed: float) -> None:
+        key = (ctx.model, route, str(status))
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests.labels(*key)
+        counter.inc()
+        hkey = (ctx.model, route)
+        histogram = self._histograms.get(hkey)
+        if histogram is None:
+            histogram = self._histograms[hkey] = self.metrics.request_duration.labels(*hkey)
+        histogram.observe(elapsed)
+        if self.log_requests:
+            fields: dict[str, Any] = {
+                "request_id": ctx.request_id,
+                "method": method,
+                "route": route,
+                "model": ctx.model,
+                "version": ctx.version,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+            }
+            for k, v in ctx.timings.items():
+                fields[k] = round(v * 1000, 3)
+            access_log.info("request", extra={"fields": fields})
 
 
 class RequestContextMiddleware:
@@ -142,19 +265,16 @@ class RequestContextMiddleware:
     logged with its traceback; the server carries on.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool = True) -> None:
+    def __init__(self, app: ASGIApp, recorder: RequestRecorder) -> None:
         self.app = app
-        self.metrics = metrics
-        self.log_requests = log_requests
-        self._counters: dict[tuple[str, str, str], Any] = {}
-        self._histograms: dict[tuple[str, str], Any] = {}
+        self.recorder = recorder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = _client_request_id(scope["headers"]) or _new_request_id()
+        request_id = client_request_id(scope["headers"]) or new_request_id()
         ctx = scope["lma"] = RequestContext(request_id)
         id_header = (b"x-request-id", request_id.encode("ascii"))
         status = 0
@@ -174,32 +294,5 @@ class RequestContextMiddleware:
                 response = error_response(500, "internal", f"internal server error (request id {request_id})")
                 await response(scope, receive, send_with_id)
             status = status or 500
-        route = scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        elapsed = time.perf_counter() - start
-        self._observe(ctx.model, template, status, elapsed)
-        if self.log_requests:
-            fields: dict[str, Any] = {
-                "request_id": request_id,
-                "method": scope["method"],
-                "route": template,
-                "model": ctx.model,
-                "version": ctx.version,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-            }
-            for k, v in ctx.timings.items():
-                fields[k] = round(v * 1000, 3)
-            access_log.info("request", extra={"fields": fields})
-
-    def _observe(self, model: str, route: str, status: int, elapsed: float) -> None:
-        key = (model, route, str(status))
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.metrics.requests.labels(*key)
-        counter.inc()
-        hkey = (model, route)
-        histogram = self._histograms.get(hkey)
-        if histogram is None:
-            histogram = self._histograms[hkey] = self.metrics.request_duration.labels(*hkey)
-        histogram.observe(elapsed)
+        template = getattr(scope.get("route"), "path", "unmatched")
+        self.recorder.finish(scope["method"], template, ctx, status, time.perf_counter() - start)

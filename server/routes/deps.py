@@ -24,8 +24,12 @@ def settings_of(request: Request) -> Settings:
 
 async def json_object(request: Request, allowed: frozenset[str], required: str | None = None) -> dict[str, Any]:
     """The body as a JSON object with only ``allowed`` keys (an empty body is ``{}``)."""
-    body = await read_body(request, settings_of(request).max_body_bytes)
-    if not body.strip() and required is None:
+    return parse_json_object(await read_body(request, settings_of(request).max_body_bytes), allowed, required)
+
+
+def parse_json_object(body: bytes, allowed: frozenset[str], required: str | None = None) -> dict[str, Any]:
+    """``body`` as a JSON object with only ``allowed`` keys (empty: ``{}`` unless a key is ``required``)."""
+    if required is None and not body.strip():
         return {}
     try:
         obj = orjson.loads(body)

@@ -1,5 +1,8 @@
 """Open Inference Protocol v2 routes (KServe / Triton REST): health, metadata, readiness, infer.
 
+Scoring is :func:`score_tensors`, shared by the FastAPI routes below (docs) and the lean ASGI path of
+:mod:`server.routes.scoring` that serves them in practice.
+
 A stock ``tritonclient.http.InferenceServerClient`` works against these (see tests/server/test_v2.py).
 """
 
@@ -11,10 +14,20 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from server import schemas, v2
+from server.engine import Engine
 from server.errors import NotReady
-from server.http import await_unless_disconnected, json_response, read_body, request_context
+from server.http import (
+    Reply,
+    RequestContext,
+    await_unless_disconnected,
+    header,
+    json_response,
+    receive_body,
+    request_context,
+)
 from server.routes.deps import engine_of, settings_of
 
 router = APIRouter(tags=["v2"])
@@ -80,18 +93,37 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(request, name, version)
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
-    engine = engine_of(request)
-    ctx = request_context(request)
+async def score_tensors(
+    engine: Engine,
+    ctx: RequestContext,
+    name: str,
+    version: str | None,
+    headers: list[tuple[bytes, bytes]],
+    receive: Receive,
+    max_body_bytes: int,
+) -> Reply:
+    """Read an infer body from ``receive`` and score its tensors with model ``name`` (``version`` if given)."""
     if engine.has_model(name):
         ctx.model = name
-    body = await read_body(request, settings_of(request).max_body_bytes)
-    parsed = v2.decode_infer_request(body, request.headers.get(v2.HEADER_LENGTH))
-    prediction = await await_unless_disconnected(
-        request.receive, engine.infer(name, parsed.inputs, version, ctx.timings)
-    )
+    engine.admit(name, version)
+    body = await receive_body(headers, receive, max_body_bytes)
+    length = header(headers, v2.HEADER_LENGTH.encode())
+    parsed = v2.decode_infer_request(body, None if length is None else length.decode("latin-1"))
+    prediction = await await_unless_disconnected(receive, engine.infer(name, parsed.inputs, version, ctx.timings))
     ctx.version = prediction.version
-    content, headers, media_type = v2.encode_infer_response(
+    content, extra, media_type = v2.encode_infer_response(
         prediction.model, prediction.version, parsed.id, prediction.scores.probability, parsed.binary_output
     )
-    return Response(content, headers=headers, media_type=media_type)
+    return Reply(
+        content,
+        media_type=media_type.encode("latin-1"),
+        headers=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()],
+    )
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    max_body = settings_of(request).max_body_bytes
+    reply = await score_tensors(
+        engine_of(request), request_context(request), name, version, request.scope["headers"], request.receive, max_body
+    )
+    return reply.response()

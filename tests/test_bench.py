@@ -1,0 +1,257 @@
+"""The load generator and `lma bench`: exact request accounting against a real server process, the HTTP
+parsing against a scripted server, and the report from a small run.
+
+The server runs as `python -m models.main serve` (what `lma serve` runs) on a tiny exported model, with a
+queue of 2 requests that each wait 100 ms for company: one connection never finds the queue full, six
+connections always do. Every count the generator reports is checked against the server's own metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).with_name("server")))  # the server tests' helpers
+from serving_helpers import make_run
+
+from export.exporter import export_run
+from loadtest import bench, loadgen
+from loadtest.payloads import build_pools, synthetic_rows
+from models.schema import criteo_schema
+
+PREDICT = "/v1/models/criteo:predict"
+ROUTE = "/v1/models/{name}:predict"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench-bundle")
+    return export_run(make_run(root / "run", "lma", criteo_schema(5), 0), root / "artifacts" / "criteo").path
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bench.ServerProcess]:
+    env = {"LMA_MAX_QUEUE": "2", "LMA_MAX_WAIT_MS": "100", "LMA_INTRA_OP_THREADS": "1", **bench.BASE_SERVER_ENV}
+    log = tmp_path_factory.mktemp("bench-server") / "server.log"
+    with bench.ServerProcess(bundle_dir, 1, "onnx", env, log) as proc:
+        proc.wait_ready()
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def requests(server: bench.ServerProcess) -> tuple[bytes, ...]:
+    pools = build_pools(synthetic_rows(64, seed=1), batch_size=4, entities=1)
+    return loadgen.http_requests("127.0.0.1", server.port, PREDICT, pools.native_single.bodies)
+
+
+def counts(server: bench.ServerProcess) -> dict[str, float]:
+    """Requests by status code and queue-full rejections, from the server's /metrics."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text):
+        for s in family.samples:
+            if s.name == "lma_requests_total" and s.labels.get("route") == ROUTE:
+                out[s.labels["code"]] = s.value
+            if s.name == "lma_rejected_total" and s.labels.get("reason") == "queue_full":
+                out["queue_full"] = s.value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    return {k: int(v - before.get(k, 0)) for k, v in after.items() if v - before.get(k, 0)}
+
+
+# --- against the real server ---
+
+
+def test_closed_loop_counts_every_request(server: bench.ServerProcess, requests: tuple[bytes, ...]) -> None:
+    before = counts(server)
+    result = loadgen.run(loadgen.closed_loop("127.0.0.1", server.port, requests, concurrency=1, duration_s=0.6))
+    assert result.errors == {} and result.dropped == 0
+    assert result.sent == result.completed == result.ok > 0  # one at a time: the queue never fills
+    assert result.status_counts() == {200: result.sent}
+    assert delta(counts(server), before) == {"200": result.sent}
+    assert result.latency_ns.shape == (result.sent,) and (result.latency_ns > 0).all()
+    assert result.samples_per_s == pytest.approx(result.sent / result.duration_s)
+    assert set(result.sample_bodies) == {200}
+
+
+def test_a_full_queue_is_counted_as_503(server: bench.ServerProcess, requests: tuple[bytes, ...]) -> None:
+    before = counts(server)
+    result = loadgen.run(loadgen.closed_loop("127.0.0.1", server.port, requests, concurrency=6, duration_s=0.6))
+    by_status = result.status_counts()
+    assert set(by_status) == {200, 503} and by_status[503] > 0 and result.errors == {}
+    assert result.sent == result.completed == by_status[200] + by_status[503]
+    assert delta(counts(server), before) == {"200": by_status[200], "503": by_status[503], "queue_full": by_status[503]}
+    assert b'"kind":"overloaded"' in result.sample_bodies[503]
+    assert result.percentiles_ms(503)["p50"] < result.percentiles_ms(200)["p50"]  # refused at once, not queued
+    assert result.ok_per_s * result.duration_s == pytest.approx(by_status[200])
+
+
+def test_open_loop_drops_arrivals_that_find_no_free_connection(
+    server: bench.ServerProcess, requests: tuple[bytes, ...]
+) -> None:
+    before = counts(server)
+    coro = loadgen.open_loop(
+        "127.0.0.1", server.port, requests, rate=200, duration_s=0.5, max_connections=1, seed=3
+    )  # one connection, each answer takes ~100 ms: most arrivals find it busy
+    result = loadgen.run(coro)
+    assert result.scheduled == len(loadgen.poisson_schedule(200, 0.5, seed=3))
+    assert result.sent + result.dropped == result.scheduled and result.dropped > result.sent > 0
+    assert result.completed == result.ok == result.sent and result.errors == {}
+    assert delta(counts(server), before) == {"200": result.sent}
+    assert result.send_lag_ns.shape == (result.sent,)
+    assert result.summary()["dropped"] == result.dropped and result.failed == result.dropped
+
+
+# --- HTTP parsing, against a scripted server ---
+
+
+async def _scripted_server(responses: list[bytes]) -> tuple[asyncio.Server, int]:
+    """Answers the k-th request on each connection with ``responses[k]``, written one byte at a time."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for response in responses:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            for i in range(len(response)):
+                writer.write(response[i : i + 1])
+                await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def test_responses_split_in_pieces_and_closed_connections() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 2\r\nx-other: 1\r\n\r\n{}"
+    busy = b'HTTP/1.1 503 Service Unavailable\r\ncontent-length: 11\r\nretry-after: 1\r\n\r\n{"busy": 1}'
+    bye = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    async def scenario() -> loadgen.LoadResult:
+        srv, port = await _scripted_server([ok, busy, bye])
+        async with srv:
+            request = loadgen.http_request("127.0.0.1", port, "/x", b"{}")
+            return await loadgen.closed_loop("127.0.0.1", port, [request], concurrency=1, duration_s=0.3)
+
+    result = loadgen.run(scenario())
+    # every connection answers 200, 503, 200-and-close; the generator reconnects after each close
+    statuses = result.status.tolist()
+    assert result.errors == {} and result.sent == result.completed >= 6
+    assert statuses[:6] == [200, 503, 200, 200, 503, 200]
+    assert result.sample_bodies == {200: b"{}", 503: b'{"busy": 1}'}
+
+
+def test_a_response_without_length_is_a_protocol_error() -> None:
+    async def scenario() -> loadgen.LoadResult:
+        srv, port = await _scripted_server([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+        async with srv:
+            request = loadgen.http_request("127.0.0.1", port, "/x", b"{}")
+            return await loadgen.closed_loop("127.0.0.1", port, [request], concurrency=1, duration_s=0.2)
+
+    result = loadgen.run(scenario())
+    assert result.completed == 0 and result.errors["bad_response"] == result.sent >= 1
+
+
+# --- pure parts ---
+
+
+def test_poisson_schedule() -> None:
+    a = loadgen.poisson_schedule(1000.0, 2.0, seed=7)
+    assert np.array_equal(a, loadgen.poisson_schedule(1000.0, 2.0, seed=7))
+    assert a.dtype == np.int64 and (np.diff(a) > 0).all() and a[0] >= 0 and a[-1] < 2e9
+    assert 1800 < len(a) < 2200  # 2000 expected, sd ~45
+    gaps = np.diff(a) / 1e9
+    assert gaps.mean() == pytest.approx(1e-3, rel=0.1)
+    with pytest.raises(ValueError, match="rate > 0"):
+        loadgen.poisson_schedule(0, 1.0)
+
+
+def test_request_bytes_and_loopback_only() -> None:
+    raw = loadgen.http_request("127.0.0.1", 8000, "/v1/predict", b'{"instances": []}')
+    assert raw == (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Type: application/json\r\n"
+        b'Accept: application/json\r\nContent-Length: 17\r\n\r\n{"instances": []}'
+    )
+    for host in ("127.0.0.1", "::1", "localhost"):
+        loadgen.check_loopback(host)
+    with pytest.raises(ValueError, match="only drives loopback"):
+        loadgen.check_loopback("10.0.0.1")
+    with pytest.raises(ValueError, match="loopback"):
+        asyncio.run(loadgen.closed_loop("192.168.1.1", 80, [raw], concurrency=1, duration_s=1))
+
+
+def test_result_statistics() -> None:
+    lat = np.array([1, 2, 3, 4, 100], dtype=np.int64) * 1_000_000
+    r = loadgen.LoadResult(
+        mode="closed", duration_s=2.0, samples_per_request=32, concurrency=4, rate=None, scheduled=6, sent=6,
+        latency_ns=lat, status=np.array([200, 200, 200, 503, 200], dtype=np.int16),
+    )  # fmt: skip
+    r.errors["timeout"] = 1
+    assert r.completed == 5 and r.ok == 4 and r.failed == 1
+    assert r.requests_per_s == 2.5 and r.ok_per_s == 2.0 and r.samples_per_s == 64.0
+    assert r.status_counts() == {200: 4, 503: 1}
+    p = r.percentiles_ms(200)
+    assert p["p50"] == pytest.approx(2.5) and p["max"] == 100.0
+    assert r.percentiles_ms(503) == {"p50": 4.0, "p95": 4.0, "p99": 4.0, "max": 4.0}
+    assert np.isnan(r.percentiles_ms(504)["p99"])
+
+
+# --- the report ---
+
+
+def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "BENCH.md"
+    out.parent.mkdir()
+    out.write_text(f"old\n{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}\nold tail\n")
+    cfg = bench.BenchConfig(
+        model_dir=bundle_dir.parent,  # artifacts/NAME: its latest version
+        workers=(1,),
+        duration_s=0.4,
+        warmup_s=0.0,
+        concurrency=(2,),
+        batch_size=4,
+        rates=(40.0,),
+        variants=False,
+        raw_seconds=0.05,
+        rows=64,
+        work_dir=tmp_path / "work",
+        out=out,
+        command="lma bench --test",
+    )
+    lines: list[str] = []
+    report = bench.run_bench(cfg, say=lines.append)
+    bench.write_report(report, cfg.out, cfg.plot_path)
+
+    assert [(r.config, r.kind, r.mode) for r in report.runs] == [
+        ("1 worker", "single", "closed"), ("1 worker", "batch", "closed"), ("1 worker", "single", "open"),
+    ]  # fmt: skip
+    assert all(r.load["errors"] == {} and r.load["completed"] > 0 for r in report.runs)
+    assert report.runs[1].samples_per_request == 4
+    assert [r["batch_size"] for r in report.raw] == list(bench.RAW_BATCH_SIZES)
+    assert report.model["name"] == "criteo" and report.machine["nproc"] >= 1
+    text = out.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == [
+        "# Benchmarks",
+        "## Setup",
+        "## The graph alone (in process)",
+        "## Closed loop: single-sample requests (1 per request)",
+        "## Closed loop: batched requests (4 per request)",
+        "## Open loop: Poisson arrivals at fixed rates (single-sample requests)",
+        "## Summary",
+        "## Analysis",
+    ]
+    assert "lma bench --test" in text and "load average at start" in text
+    assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
+    assert "![latency vs throughput](BENCH.png)" in text
+    assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(lines) == 5  # a line per step and per run
