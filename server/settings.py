@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     redis_url: str = Field("", description="redis://host:port/db; empty: in-memory feature store, folder watch")
     feature_store_path: Path | None = Field(None, description="JSON or CSV file loaded into the in-memory store")
     feature_store_timeout_ms: float = Field(50.0, gt=0, description="deadline of one feature-store fetch")
-    feature_store_prefix: str = Field("lma:features:", min_length=1, description="key prefix of the entity hashes in Redis")
+    feature_store_prefix: str = Field(
+        "lma:features:", min_length=1, description="key prefix of the entity hashes in Redis"
+    )
     # operations
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes (unset: disabled)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -143,7 +143,7 @@ class TestSharedMemory:
         assert int(starts.max()) <= emb.memory_size - emb.block_size
         memory = emb.memory.detach()
         want = torch.cat(
-            [memory[starts[..., 0, None] + torch.arange(2)], memory[starts[..., 1, None] + torch.arange(2)]], -1
+            [memory[2 * starts[..., 0, None] + torch.arange(2)], memory[2 * starts[..., 1, None] + torch.arange(2)]], -1
         )
         assert torch.equal(vectors, want)  # no sign, no scaling
 
@@ -174,7 +174,8 @@ class TestSharedMemory:
         (vectors * weights).sum().backward()
 
         starts, _ = emb.block_starts(keys_t)  # (8, F, 2)
-        index = (starts.unsqueeze(-1) + emb.block_arange).reshape(8, F, 4)  # slot of every coordinate
+        z = emb.block_size
+        index = (starts.unsqueeze(-1) * z + torch.arange(z)).reshape(8, F, 4)  # slot of every coordinate
         expected = np.zeros(emb.memory_size, dtype=np.float32)
         np.add.at(expected, index.numpy().ravel(), weights.numpy().ravel())
         assert emb.memory.grad is not None

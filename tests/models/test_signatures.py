@@ -225,8 +225,8 @@ def test_block_collisions_follow_jaccard(num_hashes: int, bits: int, per_block: 
     buckets = 1 << int(np.ceil(np.log2(sigs.keys.size / (cfg.slots * 0.9))))
     tk, tv, params, report = build_table(sigs.keys, sigs.signatures, buckets, cfg.slots, seed=cfg.seed)
     assert report["dropped"] == 0
-    num_starts = 512
-    emb = SharedMemoryEmbedding(cfg, 2, SharedMemoryLayout(memory_size=num_starts, table_buckets=buckets))
+    emb = SharedMemoryEmbedding(cfg, 2, SharedMemoryLayout(memory_size=512 * cfg.block_size, table_buckets=buckets))
+    num_starts = emb.num_starts  # 512 rows of Z floats
     emb.signatures.load(tk, tv, params)
 
     starts, stored = emb.block_starts(torch.from_numpy(np.stack([a_keys, b_keys], axis=1)))  # (P, 2, T=8)
