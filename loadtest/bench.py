@@ -87,12 +87,12 @@ class BenchConfig:
     batch_size: int = 32
     rate_fractions: tuple[float, ...] = (0.5, 0.8, 2.0)  # of the best closed-loop single-sample req/s
     rates: tuple[float, ...] = ()  # absolute open-loop rates (replace the fractions when given)
-    max_connections: int = 4096  # open loop: most requests in flight
+    max_connections: int = 1024  # open loop: most requests in flight (the client population)
     variants: bool = True  # also measure VARIANTS
     access_log: bool = False
     server_env: tuple[tuple[str, str], ...] = ()
     out: Path = Path("docs/BENCHMARKS.md")
-    plot: Path | None = None  # default: out with .png
+    plot: Path | None = None  # default: beside out, lower-case stem, .png
     work_dir: Path | None = None  # demo model and server logs (default: a temporary folder)
     demo_rows: int = 20000
     raw_seconds: float = 1.0  # timing of the graph alone, per batch size
@@ -117,7 +117,8 @@ class BenchConfig:
 
     @property
     def plot_path(self) -> Path:
-        return self.plot if self.plot is not None else self.out.with_suffix(".png")
+        """--plot, else beside the report: docs/BENCHMARKS.md -> docs/benchmarks.png."""
+        return self.plot if self.plot is not None else self.out.with_name(self.out.stem.lower() + ".png")
 
     def env(self, **extra: str) -> dict[str, str]:
         """Server settings of a run: the base, --access-log, --server-env, then ``extra``."""
@@ -162,6 +163,7 @@ class BenchReport:
     model: dict[str, Any]
     server_env: dict[str, str]
     duration_s: float
+    max_connections: int
     raw: list[dict[str, Any]]  # in-process graph throughput per batch size
     runs: list[RunRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -543,8 +545,8 @@ def open_runs(
     sampler = ResourceSampler(server.proc.pid)
     records = []
     for k, rate in enumerate(rates):
-        # enough connections to hold about a second of arrivals in flight, so that the server (not the
-        # generator) is what turns the excess away
+        # about a second of arrivals may be in flight, at most --max-connections: a bounded client population,
+        # as in production, where clients time out and connection pools are finite
         connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
         coro = loadgen.open_loop(
             "127.0.0.1", server.port, work.requests, rate=rate, duration_s=cfg.duration_s,
@@ -610,6 +612,7 @@ def run_bench(cfg: BenchConfig, say: Any = print) -> BenchReport:
             model=model,
             server_env=cfg.env(),
             duration_s=cfg.duration_s,
+            max_connections=cfg.max_connections,
             raw=raw,
         )
         path = f"/v1/models/{model['name']}:predict"
@@ -799,8 +802,9 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
 
 def _connections_note(report: BenchReport) -> str:
     return (
-        "The generator keeps up to about one second of arrivals in flight (at most `--max-connections`); an "
-        "arrival that finds all of them busy is counted as dropped, never sent."
+        "The generator keeps up to about one second of arrivals in flight, at most `--max-connections` "
+        f"({report.max_connections}): a bounded client population. An arrival that finds all of them busy is "
+        "counted as dropped, never sent."
     )
 
 

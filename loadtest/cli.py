@@ -30,7 +30,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--rates", default="", help="open-loop rates in requests/s (default: 0.5, 0.8 and 2x the best closed-loop rate)"
     )
     p.add_argument("--rate-fractions", default="0.5,0.8,2", help="open-loop rates as fractions of the best rate")
-    p.add_argument("--max-connections", type=int, default=4096, help="open loop: most requests in flight")
+    p.add_argument(
+        "--max-connections", type=int, default=1024, help="open loop: most requests in flight (default 1024)"
+    )
     p.add_argument(
         "--no-variants", action="store_true", help="skip the 1-worker LMA_MAX_WAIT_MS=0 and LMA_MAX_BATCH_SIZE=1 runs"
     )
@@ -39,7 +41,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--server-env", action="append", default=[], metavar="LMA_X=VALUE", help="a server setting (repeatable)"
     )
     p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"), help="the Markdown report")
-    p.add_argument("--plot", type=Path, help="the latency/throughput plot (default: --out with .png)")
+    p.add_argument("--plot", type=Path, help="the latency/throughput plot (default: docs/benchmarks.png beside --out)")
     p.add_argument("--json", type=Path, help="also write every number as JSON here")
     p.add_argument("--work-dir", type=Path, help="keep the demo model and server logs here (default: temporary)")
     p.add_argument("--demo-rows", type=int, default=20000, help="rows of the demo model's synthetic data")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +24,16 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).with_name("server")))  # the server tests' helpers
 from serving_helpers import make_run
 
+from export.bundle import load_bundle
 from export.exporter import export_run
 from loadtest import bench, loadgen
 from loadtest.payloads import build_pools, synthetic_rows
 from models.schema import criteo_schema
+from server import batcher as batcher_module
+from server.batcher import Batcher
+from server.metrics import Metrics
+from server.runtimes import OnnxRuntime
+from server.types import Batch, Scores
 
 PREDICT = "/v1/models/criteo:predict"
 ROUTE = "/v1/models/{name}:predict"
@@ -252,6 +260,52 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     ]
     assert "lma bench --test" in text and "load average at start" in text
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
-    assert "![latency vs throughput](BENCH.png)" in text
+    assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(lines) == 5  # a line per step and per run
+
+
+# --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
+
+
+class ThreadRecordingRuntime(OnnxRuntime):
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.threads: list[int] = []
+
+    def run(self, batch: Batch) -> Scores:
+        self.threads.append(threading.get_ident())
+        return super().run(batch)
+
+
+def test_runtime_cost_model(bundle_dir: Path) -> None:
+    runtime = OnnxRuntime(load_bundle(bundle_dir), "cpu", threads=1)
+    assert runtime.expected_seconds(8) is None  # never warmed up: no guess
+    runtime.warmup([1, 8])
+    assert set(runtime._cost) == {1, 8} and all(t > 0 for t in runtime._cost.values())
+    runtime._cost = {1: 1e-4, 8: 8e-4, 64: 3.6e-3}
+    assert runtime.expected_seconds(4) == pytest.approx(4e-4)  # between measured sizes: linear
+    assert runtime.expected_seconds(36) == pytest.approx(2.2e-3)
+    assert runtime.expected_seconds(128) == pytest.approx(6.8e-3)  # beyond: along the last segment
+
+
+@pytest.mark.parametrize("inline_max_s", [1.0, 0.0])
+async def test_short_batches_run_on_the_event_loop(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch, inline_max_s: float
+) -> None:
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_S", inline_max_s)
+    runtime = ThreadRecordingRuntime(load_bundle(bundle_dir), "cpu", threads=1)
+    runtime.warmup([1, 8])
+    runtime.threads.clear()
+    b = Batcher(
+        runtime, name="m", max_batch_size=8, max_wait_ms=0, max_queue=10,
+        metrics=Metrics().for_model("m", "onnx", "cpu"),
+    )  # fmt: skip
+    b.start()
+    rng = np.random.default_rng(0)
+    batch = Batch(rng.random((3, 13), dtype=np.float32), rng.integers(0, 2**62, size=(3, 26), dtype=np.int64))
+    scores = await b.submit(batch, time.monotonic() + 30)
+    await b.close()
+    on_loop = runtime.threads == [threading.get_ident()]
+    assert on_loop == (inline_max_s > 0) and len(runtime.threads) == 1
+    np.testing.assert_array_equal(scores.probability, runtime.run(batch).probability)  # the same answer either way
