@@ -16,11 +16,10 @@ import pytest
 
 from export.bundle import Bundle
 from export.exporter import export_run
-from models.checkpoint import RunConfig, build_model, save_run
-from models.dlrm import CTRModel, DLRMConfig
-from models.embeddings import EmbeddingConfig
-from models.hashtable import build_table
+from models.checkpoint import RunConfig
+from models.dlrm import CTRModel
 from models.schema import FeatureSchema, avazu_schema, criteo_schema
+from tests.tiny_runs import save_tiny_run
 
 TOKENS = 400  # distinct training tokens of the tiny runs
 
@@ -37,39 +36,8 @@ class TinyRun:
 def make_run(run_dir: Path, kind: str, schema: FeatureSchema, seed: int = 0) -> TinyRun:
     """A run folder with a tiny model of ``kind`` and filled tables."""
     rng = np.random.default_rng(seed)
-    emb = EmbeddingConfig(kind=kind, embedding_dim=4, compression=2.0, seed=seed, slots=4)
     tokens = np.unique(rng.integers(0, 2**62, size=TOKENS, dtype=np.int64))
-    vocab_size, buckets = (tokens.size, 128) if kind == "full" else (0, 0)
-    cfg = RunConfig(
-        schema=schema,
-        model=DLRMConfig.from_preset("tiny", schema.num_dense, schema.num_fields),
-        embedding=emb,
-        full_embedding_bytes=int(tokens.size) * emb.embedding_dim * 4,
-        distinct_tokens=int(tokens.size),
-        vocab_size=vocab_size,
-        table_buckets=buckets,
-        extra={"note": "tiny test run"},
-    )
-    model = build_model(cfg)
-    known = np.empty(0, dtype=np.int64)
-    if kind == "full":
-        table = model.dlrm.embedding.vocabulary
-        k, v, p, report = build_table(
-            tokens, np.arange(tokens.size), table.num_buckets, table.slots, seed, max_load=1.0
-        )
-        assert report["dropped"] == 0
-        table.load(k, v, p)
-        known = tokens
-    elif kind == "lma":
-        table = model.dlrm.embedding.signatures
-        bits = emb.num_hashes * emb.bits  # 60-bit packed minhash signatures, like training makes
-        signatures = rng.integers(0, 2**bits, size=tokens.size, dtype=np.int64)
-        k, v, p, report = build_table(tokens, signatures, table.num_buckets, table.slots, seed, emb.max_load)
-        table.load(k, v, p)
-        known = k[k >= 0]
-        cfg.extra["signatures"] = {"signed_tokens": int(known.size), "table": dict(report)}
-    model.eval()
-    save_run(run_dir, model, cfg)
+    model, cfg, known = save_tiny_run(run_dir, kind, schema, tokens, seed, rng, full_buckets=128)
     return TinyRun(kind, run_dir, model, cfg, known)
 
 

@@ -16,20 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI
 
 from export.bundle import Bundle
 from export.exporter import export_run
-from models.checkpoint import RunConfig, build_model, save_run
-from models.dlrm import DLRMConfig
-from models.embeddings import EmbeddingConfig
-from models.hashtable import build_table
 from models.schema import FeatureSchema, avazu_schema, criteo_schema, transform_dense
 from server.runtimes import OnnxRuntime
 from server.settings import Settings
 from server.types import Batch, Scores
+from tests.tiny_runs import save_tiny_run
 
 TOKENS = [f"t{j}" for j in range(50)]  # raw values that have stored entries in the runs below
 SIGNATURE_BITS = 60  # packed signatures of the lma runs: 15 x 4 bits, as training makes them
@@ -39,29 +35,8 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 def make_run(run_dir: Path, kind: str, schema: FeatureSchema, seed: int) -> Path:
     """A run folder of a tiny ``kind`` model whose tables know the tokens of :data:`TOKENS`."""
     keys = np.unique([schema.key(f, t) for f in range(schema.num_fields) for t in TOKENS]).astype(np.int64)
-    emb = EmbeddingConfig(kind=kind, embedding_dim=4, compression=2.0, seed=seed)
-    vocab_size, buckets = (keys.size, 1 << int(np.ceil(np.log2(keys.size / 2)))) if kind == "full" else (0, 0)
-    cfg = RunConfig(
-        schema=schema,
-        model=DLRMConfig.from_preset("tiny", schema.num_dense, schema.num_fields),
-        embedding=emb,
-        full_embedding_bytes=int(keys.size) * emb.embedding_dim * 4,
-        distinct_tokens=int(keys.size),
-        vocab_size=vocab_size,
-        table_buckets=buckets,
-    )
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    rng = np.random.default_rng(seed)
-    if kind == "full":
-        table = model.dlrm.embedding.vocabulary
-        table.load(*build_table(keys, np.arange(keys.size), table.num_buckets, table.slots, seed, max_load=1.0)[:3])
-    elif kind == "lma":
-        table = model.dlrm.embedding.signatures
-        signatures = rng.integers(0, 2**SIGNATURE_BITS, size=keys.size, dtype=np.int64)
-        table.load(*build_table(keys, signatures, table.num_buckets, table.slots, seed, emb.max_load)[:3])
-    model.eval()
-    save_run(run_dir, model, cfg)
+    buckets = 1 << int(np.ceil(np.log2(keys.size / 2)))
+    save_tiny_run(run_dir, kind, schema, keys, seed, np.random.default_rng(seed), full_buckets=buckets)
     return run_dir
 
 
