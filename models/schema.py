@@ -16,6 +16,7 @@ number. DESIGN section 3:
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,9 @@ HASH_SCHEME = "blake2b64-field-keyed-v1"
 DENSE_TRANSFORM = "log1p-clip0"
 # The missing marker cannot collide with a real value: real values are hashed with a 0x00 prefix.
 _MISSING = b"\x01"
-_CACHE_LIMIT = 1 << 18  # per field; Zipf-distributed values hit this cache most of the time
+# Cached keys of hot values, all fields together (split evenly): ~120 bytes an entry, so at most ~125 MB.
+# Zipf-distributed values hit it most of the time; a field whose cache fills up starts over empty.
+_CACHE_ENTRIES = 1 << 20
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -62,6 +65,7 @@ class FeatureSchema:
     hash_scheme: str = HASH_SCHEME
     dense_transform: str = DENSE_TRANSFORM
     _hashers: list[_FieldHasher] = field(default=None, init=False, repr=False, compare=False)  # type: ignore[assignment,arg-type]
+    _caches: list[dict[object, int]] = field(default=None, init=False, repr=False, compare=False)  # type: ignore[assignment,arg-type]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_names", tuple(self.dense_names))
@@ -77,7 +81,10 @@ class FeatureSchema:
             raise ValueError(f"unknown dense_transform {self.dense_transform!r}; this build knows {DENSE_TRANSFORM!r}")
         if not 0 <= self.hash_seed < 2**63:
             raise ValueError(f"hash_seed must be in [0, 2**63), got {self.hash_seed}")
-        object.__setattr__(self, "_hashers", [_FieldHasher(self.hash_seed, n) for n in self.categorical_names])
+        limit = max(1, _CACHE_ENTRIES // len(self.categorical_names))
+        hashers = [_FieldHasher(self.hash_seed, n, limit) for n in self.categorical_names]
+        object.__setattr__(self, "_hashers", hashers)
+        object.__setattr__(self, "_caches", [h.cache for h in hashers])
 
     @property
     def num_dense(self) -> int:
@@ -93,13 +100,33 @@ class FeatureSchema:
 
     def keys_for(self, rows: Sequence[Sequence[object]]) -> np.ndarray:
         """Keys of raw categorical rows, each a sequence of ``num_fields`` values -> int64 (B, F)."""
-        out = np.empty((len(rows), self.num_fields), dtype=np.int64)
-        hashers = self._hashers
         for i, row in enumerate(rows):
-            if len(row) != len(hashers):
-                raise ValueError(f"row {i} has {len(row)} categorical values, expected {len(hashers)}")
-            out[i] = [h(v) for h, v in zip(hashers, row, strict=True)]
-        return out
+            if len(row) != self.num_fields:
+                raise ValueError(f"row {i} has {len(row)} categorical values, expected {self.num_fields}")
+        return self.keys_flat(list(itertools.chain.from_iterable(rows)), len(rows))
+
+    def keys_flat(self, values: list[object], rows: int) -> np.ndarray:
+        """Keys of ``rows`` x ``num_fields`` raw values given row-major in one flat list -> int64 (rows, F).
+
+        The values must be ``None``, ``str``, ``bytes`` or ``int`` (not ``bool``, not ``float``: a float
+        ``1.0`` would find the cached key of ``1``); the server validates them before they get here.
+        Hot values cost one C-level dict lookup each (``map(dict.get, ...)`` over the whole batch); only
+        cache misses run the hash, and :meth:`_FieldHasher.__call__` caches what it computes.
+        """
+        if len(values) != rows * self.num_fields:
+            raise ValueError(f"{len(values)} categorical values do not fill {rows} rows of {self.num_fields}")
+        hashers = self._hashers
+        keys = list(map(dict.get, self._caches * rows, values))  # None where the field's cache misses
+        if None in keys:
+            f = len(hashers)
+            i = keys.index(None)
+            while True:
+                keys[i] = hashers[i % f](values[i])
+                try:
+                    i = keys.index(None, i + 1)
+                except ValueError:
+                    break
+        return np.array(keys, dtype=np.int64).reshape(rows, len(hashers))
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -126,15 +153,19 @@ class FeatureSchema:
 
 
 class _FieldHasher:
-    """Seeded BLAKE2b-64 of one field's raw values, with a bounded cache for hot values."""
+    """Seeded BLAKE2b-64 of one field's raw values, with a bounded cache for hot values.
 
-    __slots__ = ("_cache", "_h", "missing")
+    ``cache`` maps raw values to keys; ``None`` and ``""`` (missing) are always in it.
+    """
 
-    def __init__(self, seed: int, field_name: str) -> None:
+    __slots__ = ("_h", "cache", "limit", "missing")
+
+    def __init__(self, seed: int, field_name: str, limit: int) -> None:
         key = hashlib.blake2b(seed.to_bytes(8, "little") + field_name.encode("utf-8")).digest()[:32]
         self._h = hashlib.blake2b(digest_size=8, key=key)
-        self._cache: dict[object, int] = {}
+        self.limit = limit
         self.missing = self._digest(_MISSING)
+        self.cache: dict[object, int] = {None: self.missing, "": self.missing}
 
     def _digest(self, data: bytes) -> int:
         h = self._h.copy()
@@ -142,32 +173,32 @@ class _FieldHasher:
         return int.from_bytes(h.digest(), "little") & KEY_MASK
 
     def __call__(self, value: object) -> int:
-        cache = self._cache
-        k = cache.get(value)
+        cache = self.cache
+        k = cache.get(value) if type(value) is not bool and type(value) is not float else None
         if k is not None:
             return k
-        if value is None or value == "":
-            k = self.missing
-        elif isinstance(value, (str, int)) and not isinstance(value, bool):
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
             k = self._digest(b"\x00" + str(value).encode("utf-8", "surrogateescape"))
         elif isinstance(value, bytes):
             k = self._digest(b"\x00" + value)
         else:
             raise TypeError(f"categorical value must be str, int or None, got {type(value).__name__}")
-        if len(cache) >= _CACHE_LIMIT:
+        if len(cache) >= self.limit:
             cache.clear()
+            cache[None] = cache[""] = self.missing
         cache[value] = k
         return k
 
 
 def transform_dense(raw: np.ndarray | Iterable[Iterable[float]]) -> np.ndarray:
-    """Raw dense values -> model inputs: NaN (missing) -> 0, negative -> 0, then log(1 + x).
+    """Raw dense values -> model inputs: NaN (missing) and infinities -> 0, negative -> 0, then log(1 + x).
 
     The exported graphs take the output of this function (float32, shape (B, n_dense)).
     """
-    x = np.asarray(raw, dtype=np.float64)
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
+    x = np.array(raw, dtype=np.float64)  # a copy: transformed in place below
+    np.fmax(x, 0.0, out=x)  # NaN, -inf and negatives -> 0 (fmax ignores NaN)
+    x[x == np.inf] = 0.0
+    return np.log1p(x, out=x).astype(np.float32)
 
 
 def criteo_schema(hash_seed: int = 0) -> FeatureSchema:

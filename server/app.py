@@ -16,23 +16,37 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from server import schemas
 from server.engine import Engine
-from server.errors import register_error_handlers
+from server.errors import HttpError, ServingError
 from server.features import open_feature_store
-from server.http import RequestContextMiddleware, RequestRecorder
+from server.http import (
+    DisconnectWatch,
+    Reply,
+    RequestContext,
+    RequestRecorder,
+    client_request_id,
+    internal_error,
+    new_request_id,
+    protocol_of,
+    register_error_handlers,
+)
 from server.logs import configure_logging
 from server.metrics import Metrics, multiprocess_dir
+from server.protocols.native import routes as native_routes
+from server.protocols.routing import RouteTable, openapi_paths
+from server.protocols.v2 import routes as v2_routes
 from server.registry import ModelRegistry
-from server.routes import ROUTERS
-from server.routes.scoring import ScoringRoutes
+from server.routes import admin
+from server.routes import metrics as metrics_routes
 from server.settings import Settings, load_settings
 
 log = logging.getLogger("lma.server")
@@ -68,22 +82,74 @@ async def _start_model_updates(settings: Settings, registry: ModelRegistry) -> a
 
 
 class LmaApp(FastAPI):
-    """FastAPI, with the scoring routes served as plain ASGI in front of it (see :mod:`server.routes.scoring`)."""
+    """FastAPI, behind the one request wrapper every HTTP request goes through.
 
-    scoring: ScoringRoutes
+    The wrapper makes the request id, renders errors (:meth:`server.http.Reply.error`), adds
+    ``X-Request-ID``, counts, times and logs the request (:class:`server.http.RequestRecorder`). It serves
+    the scoring routes of :data:`SCORING_ROUTES` itself (:meth:`server.protocols.routing.ScoringRoute.serve`)
+    and hands every other request to FastAPI's routing.
+    """
+
+    routes_table: RouteTable
+    recorder: RequestRecorder
+    disconnects: DisconnectWatch
+    max_body_bytes: int
+    max_timeout_s: float
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            route = self.scoring.route(scope)
-            if route is not None:
-                await self.scoring(scope, receive, send, route)
-                return
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = client_request_id(scope["headers"]) or new_request_id()
+        ctx = RequestContext(request_id)
+        id_header = (b"x-request-id", request_id.encode("ascii"))
+        matched = self.routes_table.match(scope)
+        if matched is not None:
+            route, params = matched
+            try:
+                if scope["method"] != "POST":
+                    raise HttpError("Method Not Allowed", 405, headers={"Allow": "POST"})
+                reply = await route.serve(self.state.engine, ctx, params, scope, receive, self)
+            except ServingError as e:
+                reply = Reply.error(e, route.protocol)
+            except Exception:
+                log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+                reply = Reply.error(internal_error(request_id), route.protocol)
+            try:
+                await reply.send(send, id_header)
+            finally:
+                self.recorder.finish(scope["method"], route.template, ctx, reply.status, time.perf_counter() - start)
+            return
+        scope["lma"] = ctx
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            if status == 0:
+                reply = Reply.error(internal_error(request_id), protocol_of(scope))
+                await reply.send(send, id_header)
+            status = status or 500
+        template = getattr(scope.get("route"), "path", "unmatched")
+        self.recorder.finish(scope["method"], template, ctx, status, time.perf_counter() - start)
 
 
-def build_app(settings: Settings) -> FastAPI:
+SCORING_ROUTES = RouteTable((*native_routes.SCORING, *v2_routes.SCORING))
+
+
+def build_app(settings: Settings) -> LmaApp:
     """A FastAPI app serving the bundles of ``settings.model_dir``; models load when its lifespan starts."""
     metrics = Metrics()
+    recorder = RequestRecorder(metrics, log_requests=settings.access_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,6 +182,7 @@ def build_app(settings: Settings) -> FastAPI:
 
                 multiprocess.mark_process_dead(os.getpid())
             log.info("stopped")
+            recorder.close()
 
     app = LmaApp(
         title="LMA CTR server",
@@ -125,19 +192,25 @@ def build_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for router in ROUTERS:
+    for router in (native_routes.router, admin.router, v2_routes.router, metrics_routes.router):
         app.include_router(router)
     register_error_handlers(app)
-    recorder = RequestRecorder(metrics, log_requests=settings.access_log)
-    app.add_middleware(RequestContextMiddleware, recorder=recorder)
-    app.scoring = ScoringRoutes(app.state, settings, recorder)
+    app.routes_table = SCORING_ROUTES
+    app.recorder = recorder
+    app.disconnects = DisconnectWatch()
+    app.max_body_bytes = settings.max_body_bytes
+    app.max_timeout_s = settings.request_timeout_ms / 1000.0
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
+def _openapi(app: LmaApp) -> dict[str, Any]:
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        paths = doc.setdefault("paths", {})
+        for path, operations in openapi_paths(app.routes_table.routes).items():
+            paths.setdefault(path, {}).update(operations)
+        doc["paths"] = dict(sorted(paths.items()))
         doc.setdefault("components", {}).setdefault("schemas", {}).update(schemas.component_schemas())
         app.openapi_schema = doc
     return app.openapi_schema

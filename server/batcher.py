@@ -7,8 +7,10 @@ of the scores.
 
 - A batch is flushed when ``max_batch_size`` samples are queued, or when the oldest queued request
   has waited ``max_wait_ms`` (0: at once), or at shutdown.
-- A full queue (``max_queue`` requests, or an oldest request that has waited half its deadline) rejects
-  at once: :class:`~server.errors.Overloaded` (503); see :meth:`Batcher.admit`.
+- Admission (:meth:`Batcher.admit`, asked once per request before its body is read) refuses at once
+  with :class:`~server.errors.Overloaded` (503) a request that finds ``max_queue`` requests queued, or
+  whose deadline the batcher predicts it cannot meet: the runtime's measured cost of the batches queued
+  ahead of it, plus its own, plus how far the event loop runs behind (:meth:`Batcher.predicted_wait`).
 - A request whose deadline passed before its first row was dispatched gets
   :class:`~server.errors.DeadlineExceeded` (504) and costs the model nothing.
 - A request whose caller went away (its future cancelled) leaves the queue at once; a request
@@ -18,15 +20,15 @@ of the scores.
 - If the runtime fails on a batch, exactly the requests in that batch fail
   (:class:`~server.errors.InferenceFailed`); the batcher carries on.
 
-Results do not depend on batching: rows are scored independently (see :mod:`server.runtimes` for
-how exactly each runtime honours that).
+Requests bring :class:`~server.types.Rows`; the rows of one runtime call are glued and featurized together
+(:func:`server.types.to_batch`), in the runtime thread for long batches. Results do not depend on batching:
+rows are scored independently (see :mod:`server.runtimes` for how exactly each runtime honours that).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,7 +39,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from server.metrics import ModelMetrics
 from server.runtimes import Runtime
-from server.types import Batch, Scores
+from server.types import Rows, Scores, to_batch
 
 log = logging.getLogger(__name__)
 # A batch the runtime is expected to score within this time (its warm-up timings) runs on the event loop
@@ -46,7 +48,11 @@ log = logging.getLogger(__name__)
 # 1.5x the throughput: docs/BENCHMARKS.md). Longer batches go to the runtime thread, so that the event
 # loop keeps reading requests meanwhile and never stalls for long.
 INLINE_MAX_S = 0.002
-LOOP_LAG_SHARE = 0.1  # of a request's budget: event-loop lag beyond this refuses new requests (see Batcher.admit)
+# How the batcher learns its own speed: each batch's measured time (featurization + graph) over what the
+# runtime's warm-up timings predict for its size, averaged with this weight for the newest batch. Under CPU
+# contention (other workers, the machine's other jobs) the factor rises and admission becomes stricter.
+SLOWDOWN_WEIGHT = 0.1
+SLOWDOWN_RANGE = (0.5, 50.0)
 
 
 class _Pending:
@@ -54,7 +60,7 @@ class _Pending:
 
     __slots__ = ("batch", "deadline", "enqueued", "future", "next_row", "parts")
 
-    def __init__(self, batch: Batch, future: asyncio.Future[Scores], deadline: float, enqueued: float) -> None:
+    def __init__(self, batch: Rows, future: asyncio.Future[Scores], deadline: float, enqueued: float) -> None:
         self.batch = batch
         self.future = future
         self.deadline = deadline
@@ -109,6 +115,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lma-runtime-{name}")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._busy_until = 0.0  # time.monotonic() by which the batch in the runtime should be done
+        self.slowdown = 1.0  # measured batch time / the runtime's predicted time (see SLOWDOWN_WEIGHT)
 
     @property
     def queued(self) -> int:
@@ -119,47 +127,67 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
         self._task.add_done_callback(self._on_loop_done)
 
-    def admit(self, now: float, loop_lag_s: float = 0.0, budget_s: float = math.inf) -> None:
-        """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request arriving ``now`` must be refused.
+    def admit(
+        self, now: float, deadline: float, loop_lag_s: float = 0.0, waited_s: float = 0.0, counted: bool = True
+    ) -> None:
+        """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request must be refused now.
 
-        The engine asks before it parses a request, so that an overloaded server spends next to nothing on
-        the requests it turns away; :meth:`submit` asks again. A queue is full when it holds ``max_queue``
-        requests, or when its oldest request has already waited half of its time budget (deadline minus
-        arrival): requests behind it would then spend most of theirs queued and end in 504s, so the
-        excess is refused at once instead, and the requests accepted keep their deadline. The same holds
-        when the event loop itself runs ``loop_lag_s`` late, more than a tenth of the new request's
-        ``budget_s``: then requests wait unseen in socket buffers before any queue, and taking more
-        only makes every request later.
+        The engine asks once per request, before its body is read, so that an overloaded server spends next
+        to nothing on the requests it turns away. A request is refused when ``max_queue`` requests are
+        queued, or when ``now`` plus :meth:`predicted_wait` and the event loop's lag (the wait of requests
+        still unread in socket buffers, and of this one's answer) passes its ``deadline``: it would end in a
+        504 anyway, after taking the place of requests that can still be answered in time. ``waited_s``
+        (arrival to admission) goes to ``lma_admission_wait_seconds``.
+        """
+        m = self._m
+        if counted:
+            m.admission_wait.observe(waited_s)
+        if self._closing or self._task is None:
+            m.rejected["not_ready"].inc()
+            raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
+        if len(self._queue) >= self.max_queue:
+            m.rejected["queue_full"].inc()
+            raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
+        wait = self.predicted_wait(now) + loop_lag_s
+        if now + wait > deadline:
+            m.rejected["predicted_wait"].inc()
+            left = max(0.0, deadline - now) * 1000
+            raise Overloaded(
+                f"model {self.name!r} is overloaded: a request now would wait about {wait * 1000:.0f} ms, and its"
+                f" deadline is {left:.0f} ms away; retry later"
+            )
+
+    def predicted_wait(self, now: float, rows: int = 1) -> float:
+        """Seconds until a request of ``rows`` samples arriving ``now`` would be answered (admission's estimate).
+
+        The rest of the batch in the runtime, then the batches the queued rows and this request form, each at
+        the runtime's cost for its size (warm-up timings, scaled by the measured :attr:`slowdown`), plus
+        ``max_wait_ms`` when this request would have to wait for company.
+        """
+        queued = self._queued_rows + rows
+        full, rest = divmod(queued, self.max_batch_size)
+        wait = max(0.0, self._busy_until - now) + full * self._cost(self.max_batch_size) + self._cost(rest)
+        if rest and not self._queue and self._busy_until <= now:
+            wait += self.max_wait_s
+        return wait
+
+    def _cost(self, size: int) -> float:
+        if size <= 0:
+            return 0.0
+        expected = self._runtime.expected_seconds(size)
+        return 0.0 if expected is None else expected * self.slowdown
+
+    async def submit(self, batch: Rows, deadline: float) -> Scores:
+        """Queue ``batch`` and wait for its scores; ``deadline`` is a :func:`time.monotonic` time.
+
+        Admission (:meth:`admit`) happened before; only a closing batcher refuses here.
         """
         if self._closing or self._task is None:
             self._m.rejected["not_ready"].inc()
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
-        if loop_lag_s > LOOP_LAG_SHARE * budget_s:
-            self._m.rejected["queue_full"].inc()
-            raise Overloaded(
-                f"model {self.name!r} is overloaded: the server runs {loop_lag_s * 1000:.0f} ms behind; retry later"
-            )
-        queue = self._queue
-        if not queue:
-            return
-        if len(queue) >= self.max_queue:
-            self._m.rejected["queue_full"].inc()
-            raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
-        head = queue[0]
-        waited = now - head.enqueued
-        if head.next_row == 0 and now < head.deadline and waited > 0.5 * (head.deadline - head.enqueued):
-            self._m.rejected["queue_full"].inc()
-            raise Overloaded(
-                f"model {self.name!r} is overloaded: its oldest queued request has waited {waited * 1000:.0f} ms,"
-                " half of its deadline; retry later"
-            )
-
-    async def submit(self, batch: Batch, deadline: float) -> Scores:
-        """Queue ``batch`` and wait for its scores; ``deadline`` is a :func:`time.monotonic` time."""
-        now = time.monotonic()
-        self.admit(now)
         if len(batch) == 0:
             return Scores(np.zeros(0, np.float32), np.zeros(0, np.int64))
+        now = time.monotonic()
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
         pending = _Pending(batch, future, deadline, now)
         self._queue.append(pending)
@@ -262,21 +290,25 @@ class Batcher:
         return parts
 
     async def _dispatch(self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Pending, int, int]]) -> None:
-        batch = Batch.concatenate([p.batch.slice(start, stop) for p, start, stop in parts])
+        pieces = [p.batch if a == 0 and b == len(p.batch) else p.batch.slice(a, b) for p, a, b in parts]
+        size = sum(b - a for _, a, b in parts)
+        cost = self._runtime.expected_seconds(size)
+        self._busy_until = time.monotonic() + (cost or 0.0) * self.slowdown
         try:
-            cost = self._runtime.expected_seconds(len(batch))
             if cost is not None and cost <= INLINE_MAX_S:
-                scores = self._run(batch)  # short: cheaper than a thread hand-off (see INLINE_MAX_S)
+                scores = self._run(pieces, size)  # short: cheaper than a thread hand-off (see INLINE_MAX_S)
             else:
-                scores = await loop.run_in_executor(self._executor, self._run, batch)
+                scores = await loop.run_in_executor(self._executor, self._run, pieces, size)
         except asyncio.CancelledError:
             self._fail([p for p, _, _ in parts], lambda: NotReady(f"model {self.name!r} shut down while scoring"))
             raise
         except Exception as e:
-            log.exception("batcher %s: runtime failed on a batch of %d samples", self.name, len(batch))
+            log.exception("batcher %s: runtime failed on a batch of %d samples", self.name, size)
             message = f"model {self.name!r}: inference failed: {e}"
             self._fail([p for p, _, _ in parts], lambda: InferenceFailed(message))
             return
+        finally:
+            self._busy_until = 0.0
         offset = 0
         for p, start, stop in parts:
             piece = scores.slice(offset, offset + stop - start)
@@ -290,17 +322,24 @@ class Batcher:
             if stop == len(p.batch):
                 p.future.set_result(Scores.concatenate(p.parts))
 
-    def _run(self, batch: Batch) -> Scores:
-        """Runs in the runtime thread (or on the event loop, for batches under ``INLINE_MAX_S``)."""
+    def _run(self, pieces: list[Rows], size: int) -> Scores:
+        """Featurize and score one batch: in the runtime thread, or on the event loop (under ``INLINE_MAX_S``)."""
         start = time.perf_counter()
+        batch = to_batch(pieces)
+        featurized = time.perf_counter()
         scores = self._runtime.run(batch)
-        elapsed = time.perf_counter() - start
-        if len(scores) != len(batch):
-            raise RuntimeError(f"runtime returned {len(scores)} scores for {len(batch)} samples")
+        end = time.perf_counter()
+        elapsed = end - featurized
+        if len(scores) != size:
+            raise RuntimeError(f"runtime returned {len(scores)} scores for {size} samples")
+        expected = self._runtime.expected_seconds(size)
+        if expected:
+            ratio = min(max((end - start) / expected, SLOWDOWN_RANGE[0]), SLOWDOWN_RANGE[1])
+            self.slowdown += SLOWDOWN_WEIGHT * (ratio - self.slowdown)
         m = self._m
         m.inference_duration.observe(elapsed)
-        m.batch_size.observe(len(batch))
-        m.inference_samples.inc(len(batch))
+        m.batch_size.observe(size)
+        m.inference_samples.inc(size)
         m.inference_batches.inc()
         m.fallback_tokens.inc(int(scores.fallback_tokens.sum()))
         return scores

@@ -1,13 +1,18 @@
 """The one interface routes use to reach models.
 
-Routes hand the engine a parsed request body and get a :class:`Prediction` back (or a
-:class:`~server.errors.ServingError`); the registry, batchers and runtimes behind it are never
-touched by a route. A request pins the model version it starts with for its whole life, so a hot
-swap in the middle of it is invisible to it.
+A route asks the engine to admit a request (:meth:`Engine.admit`: once, before the body is read), hands it
+the decoded body with the :class:`Ticket` it got, and gets a :class:`Prediction` back (or a
+:class:`~server.errors.ServingError`); the registry, batchers and runtimes behind it are never touched by a
+route. A request holds the model version it was admitted to for its whole life, so a hot swap in the
+middle of it is invisible to it.
 
 Example::
 
-    prediction = await engine.predict("criteo", [{"dense": [...], "categorical": [...]}])
+    ticket = engine.admit("criteo", None, arrival=time.monotonic(), timeout_s=0.1)
+    try:
+        prediction = await engine.predict(ticket, [{"dense": [...], "categorical": [...]}])
+    finally:
+        engine.release(ticket)
     prediction.scores.probability        # float32 (B,)
 """
 
@@ -26,7 +31,7 @@ from server.featurize import Instances
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ModelVersion, SwapResult
 from server.settings import Settings
-from server.types import Batch, Scores, Tensor
+from server.types import Rows, Scores, Tensor
 
 log = logging.getLogger("lma.server.engine")
 
@@ -69,14 +74,23 @@ class Prediction:
     scores: Scores
 
 
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: the model version it holds until :meth:`Engine.release`, and its deadline."""
+
+    mv: ModelVersion
+    arrival: float  # time.monotonic() of the request's arrival
+    deadline: float  # time.monotonic() by which it must be answered
+
+
 class Engine:
-    """Models, feature store and admission, behind ``predict`` / ``infer`` / ``reload``."""
+    """Models, feature store and admission, behind ``admit`` / ``predict`` / ``infer`` / ``reload``."""
 
     def __init__(self, registry: ModelRegistry, store: FeatureStore, settings: Settings, metrics: Metrics) -> None:
         self.registry = registry
         self.store = store
         self.metrics = metrics
-        self._timeout_s = settings.request_timeout_ms / 1000.0
+        self.max_timeout_s = settings.request_timeout_ms / 1000.0
         self._store_timeout_s = settings.feature_store_timeout_ms / 1000.0
         self._max_instances = settings.max_instances_per_request
         self._closing = False
@@ -116,58 +130,63 @@ class Engine:
     def _info(self, mv: ModelVersion) -> dict[str, Any]:
         return {**mv.info(), "default": mv.name == self.registry.default_name}
 
+    # --- admission ---
+
+    def admit(self, name: str | None, version: str | None, arrival: float, timeout_s: float) -> Ticket:
+        """Admit a request that arrived at ``arrival`` with ``timeout_s`` to live, or refuse it now (404, 503).
+
+        Called once per request, before its body is read (an overloaded server spends as little as it can on
+        what it turns away). The deadline is ``arrival + timeout_s``; the model's batcher refuses a request it
+        predicts it cannot answer by then (:meth:`server.batcher.Batcher.admit`). The returned ticket holds
+        the model version until :meth:`release`, so a hot swap never pulls a version from under a request.
+        """
+        mv = self.model(name, version)
+        now = time.monotonic()
+        self.loop_lag.start()
+        deadline = arrival + min(timeout_s, self.max_timeout_s)
+        mv.batcher.admit(now, deadline, self.loop_lag.lag_s, waited_s=now - arrival)
+        mv.acquire()
+        return Ticket(mv, arrival, deadline)
+
+    def tighten(self, ticket: Ticket, timeout_s: float) -> None:
+        """A shorter deadline the request asked for in its body (the v2 ``timeout`` parameter); refuses now if
+        it cannot be met."""
+        deadline = ticket.arrival + timeout_s
+        if deadline < ticket.deadline:
+            ticket.deadline = deadline
+            ticket.mv.batcher.admit(time.monotonic(), deadline, self.loop_lag.lag_s, counted=False)
+
+    def release(self, ticket: Ticket) -> None:
+        ticket.mv.release()
+
     # --- scoring ---
 
-    def admit(self, name: str | None, version: str | None = None) -> None:
-        """Refuse now (404, 503) what :meth:`predict` / :meth:`infer` would refuse before any work.
-
-        Routes call this before reading the body: an overloaded server spends as little as it can on
-        the requests it turns away.
-        """
-        self.model(name, version).batcher.admit(time.monotonic(), self.loop_lag.lag_s, self._timeout_s)
-        self.loop_lag.start()
-
-    async def predict(self, name: str | None, instances: object, timings: dict[str, float] | None = None) -> Prediction:
-        """Score native instances (see :mod:`server.featurize`) with model ``name`` (None: default)."""
-        now = time.monotonic()
-        deadline = now + self._timeout_s
-        mv = self.model(name)
-        mv.batcher.admit(now, self.loop_lag.lag_s, self._timeout_s)  # refused before any parsing
-        mv.acquire()
-        try:
-            start = time.perf_counter()
-            parsed = mv.featurizer.parse_instances(instances, self._max_instances)
-            if parsed.entities is not None:
-                await self._merge_stored(mv, parsed)
-            batch = mv.featurizer.instances_batch(parsed)
-            return await self._score(mv, batch, deadline, start, timings)
-        finally:
-            mv.release()
+    async def predict(self, ticket: Ticket, instances: object, timings: dict[str, float] | None = None) -> Prediction:
+        """Score native instances (see :mod:`server.featurize`) with the ticket's model."""
+        mv = ticket.mv
+        start = time.perf_counter()
+        parsed = mv.featurizer.parse_instances(instances, self._max_instances)
+        if parsed.entities is not None:
+            await self._merge_stored(mv, parsed)
+        return await self._score(mv, parsed.rows, ticket.deadline, start, timings)
 
     async def infer(
-        self, name: str, tensors: Sequence[Tensor], version: str | None = None, timings: dict[str, float] | None = None
+        self, ticket: Ticket, tensors: Sequence[Tensor], timings: dict[str, float] | None = None
     ) -> Prediction:
-        """Score Open Inference Protocol input tensors with model ``name``."""
-        now = time.monotonic()
-        deadline = now + self._timeout_s
-        mv = self.model(name, version)
-        mv.batcher.admit(now, self.loop_lag.lag_s, self._timeout_s)
-        mv.acquire()
-        try:
-            start = time.perf_counter()
-            batch = mv.featurizer.tensors_batch(tensors, self._max_instances)
-            return await self._score(mv, batch, deadline, start, timings)
-        finally:
-            mv.release()
+        """Score Open Inference Protocol input tensors with the ticket's model."""
+        mv = ticket.mv
+        start = time.perf_counter()
+        rows = mv.featurizer.tensors_rows(tensors, self._max_instances)
+        return await self._score(mv, rows, ticket.deadline, start, timings)
 
     async def _score(
-        self, mv: ModelVersion, batch: Batch, deadline: float, start: float, timings: dict[str, float] | None
+        self, mv: ModelVersion, rows: Rows, deadline: float, start: float, timings: dict[str, float] | None
     ) -> Prediction:
-        featurized = time.perf_counter()
-        scores = await mv.batcher.submit(batch, deadline)
+        parsed = time.perf_counter()
+        scores = await mv.batcher.submit(rows, deadline)
         if timings is not None:
-            timings["featurize_ms"] = featurized - start
-            timings["model_ms"] = time.perf_counter() - featurized
+            timings["parse_ms"] = parsed - start
+            timings["model_ms"] = time.perf_counter() - parsed
         return Prediction(mv.name, mv.version, scores)
 
     async def _merge_stored(self, mv: ModelVersion, parsed: Instances) -> None:

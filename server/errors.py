@@ -1,25 +1,21 @@
 """Every failure the server reports, sorted by kind; each kind maps to one HTTP status, here and only here.
 
-Routes, the engine, the batcher and the feature store raise these; :func:`register_error_handlers`
-(called by the app factory) turns them into responses of one shape::
+Routes, the engine, the batcher and the feature store raise these; :meth:`server.http.Reply.error` (the
+one renderer, used by the request wrapper and by the app's FastAPI exception handlers) turns them into
+responses of one shape::
 
     {"error": "instances[2].categorical.C7: expected a string, an integer or null, got float",
      "kind": "invalid_input"}
 
-``error`` is a string so that Open Inference Protocol v2 clients (tritonclient) read it as is.
-Bad input is always a :class:`InvalidInput` (422), never a 500.
+``error`` is a string so that Open Inference Protocol v2 clients (tritonclient) read it as is; v2 routes
+answer ``{"error": "..."}`` alone, as the OIP spec's error response has it, and bad input there is 400
+(the spec's status for a request that cannot be inferred), where native routes answer 422:
+:func:`status_of` is that one difference. Bad input is always a :class:`InvalidInput`, never a 500.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
-
-import orjson
-from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 
 RETRY_AFTER_S = 1
 
@@ -43,6 +39,13 @@ class InvalidInput(ServingError):
 
     status = 422
     kind = "invalid_input"
+
+
+class UnsupportedMediaType(ServingError):
+    """A body in an encoding the server cannot decode (RFC 9110 15.5.16)."""
+
+    status = 415
+    kind = "unsupported_media_type"
 
 
 class ModelNotFound(ServingError):
@@ -125,6 +128,21 @@ class InferenceFailed(ServingError):
     kind = "inference_failed"
 
 
+class HttpError(ServingError):
+    """A routing-level refusal from the framework (unknown path, method not allowed, bad path parameter)."""
+
+    kind = "http_error"
+
+    def __init__(self, message: str, status: int, kind: str = "http_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.http_status = status
+        self.kind = kind  # type: ignore[misc]
+        self._headers = headers or {}
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+
 class ClientDisconnected(ServingError):
     """The client went away before its answer was ready (logged and counted as 499, never sent)."""
 
@@ -132,36 +150,10 @@ class ClientDisconnected(ServingError):
     kind = "client_disconnected"
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"error": message, "kind": kind})
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
-
-
-def serving_error_response(exc: ServingError) -> Response:
-    return error_response(exc.status, exc.kind, exc.message, exc.headers())
-
-
-async def _on_serving_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServingError)
-    return serving_error_response(exc)
-
-
-async def _on_validation_error(request: Request, exc: Exception) -> Response:
-    # Only path and query parameters are declared to FastAPI (bodies are parsed by hand).
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    where = ".".join(str(p) for p in first["loc"])
-    return error_response(422, InvalidInput.kind, f"{where}: {first['msg']}" if where else str(first["msg"]))
-
-
-async def _on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    kind = "not_found" if exc.status_code == 404 else "http_error"
-    return error_response(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
-
-
-def register_error_handlers(app: FastAPI) -> None:
-    """The one place error kinds become statuses (unexpected exceptions: see :mod:`server.http`)."""
-    app.add_exception_handler(ServingError, _on_serving_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+def status_of(exc: ServingError, protocol: str = "native") -> int:
+    """The HTTP status of ``exc`` on a route of ``protocol`` ("native" or "v2")."""
+    if protocol == "v2" and isinstance(exc, InvalidInput):
+        return 400
+    if isinstance(exc, HttpError):
+        return exc.http_status
+    return exc.status

@@ -2,27 +2,34 @@
 
 Two payloads reach a model:
 
-- native instances (``POST /v1/models/{name}:predict``)::
+- native instances (``POST /v1/models/{name}:predict``, :mod:`server.protocols.native`)::
 
       {"dense": [1.0, null, ...] or {"I1": 1.0, ...},
        "categorical": ["68fd1e64", 1005, null, ...] or {"C1": "68fd1e64", ...},
-       "entity": "user-42"}          # optional: stored features fill what the request leaves out
+       "entity": "user-42",            # optional: stored features fill what the request leaves out
+       "missing_entity": "defaults"}   # optional: score an entity with nothing stored anyway
 
   A list must hold every feature in schema order; an object may name any subset. ``null`` or an
   absent name is a missing value (dense: 0 after the transform; categorical: the field's missing
   token). Dense values are raw numbers; categorical values are strings or integers (``1005`` and
   ``"1005"`` are the same token).
-- Open Inference Protocol tensors (``POST /v2/models/{name}/infer``): ``dense`` FP32 [B, n_dense]
-  raw values and ``categorical`` [B, n_fields] as BYTES (raw values) or INT64 (keys already hashed
-  with the bundle's schema).
+- Open Inference Protocol tensors (``POST /v2/models/{name}/infer``, :mod:`server.protocols.v2`):
+  ``dense`` FP32 [B, n_dense] raw values and ``categorical`` [B, n_fields] as BYTES (raw values) or
+  INT64 (keys already hashed with the bundle's schema).
 
-Every error is an :class:`~server.errors.InvalidInput` that names the instance (or tensor) and the
-field. The raw values become numbers only through :mod:`models.schema` (:func:`transform_dense`,
-:meth:`FeatureSchema.keys_for`, with its per-field caches of hot values).
+Validation runs per request, so that every error is an :class:`~server.errors.InvalidInput` naming
+the instance (or tensor) and the field; it checks whole rows with C-level passes (``set(map(type,
+row))``) and only walks a row value by value to name a bad one. What it yields is :class:`RawRows`:
+the raw values, flat and row-major. Turning them into numbers waits for the batcher, which glues the
+raw rows of every request of a runtime call and featurizes them in one pass (:meth:`RawRows.merge`:
+one ``np.array`` + :func:`~models.schema.transform_dense` for the dense values, one
+:meth:`~models.schema.FeatureSchema.keys_flat` over the cached keys of hot tokens). Raw values become
+numbers only through :mod:`models.schema`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,13 +39,17 @@ import numpy as np
 
 from models.schema import KEY_MASK, FeatureSchema, transform_dense
 from server.errors import EntityNotFound, InvalidInput, PayloadTooLarge
-from server.types import Batch, Tensor
+from server.protocols.native.schemas import INSTANCE_FIELDS, INSTANCE_KEYS, MISSING_ENTITY_POLICIES
+from server.types import Batch, Rows, Tensor
 
 NAN = math.nan
-INSTANCE_KEYS = frozenset(("dense", "categorical", "entity", "missing_entity"))
-MISSING_ENTITY_POLICIES = ("error", "defaults")
 TENSOR_NAMES = ("dense", "categorical")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
+_NUMBER = frozenset((float, int))
+_NUMBER_OR_NULL = _NUMBER | {type(None)}
+_TOKEN = frozenset((str, int))
+_TOKEN_OR_NULL = _TOKEN | {type(None)}
+_chain = itertools.chain.from_iterable
 
 
 def json_type(v: object) -> str:
@@ -52,56 +63,77 @@ def check_count(n: int, limit: int, what: str) -> None:
         raise PayloadTooLarge(f"{what}: {n} instances, more than the limit of {limit} (LMA_MAX_INSTANCES_PER_REQUEST)")
 
 
-class _Features:
-    """How one kind of feature (dense or categorical) of a schema is checked."""
+@dataclass(slots=True)
+class RawRows:
+    """``size`` samples as raw values, flat and row-major, featurized when the batcher runs them.
 
-    def __init__(
-        self, key: str, names: tuple[str, ...], accepted: frozenset[type], missing: object, expected: str, what: str
-    ) -> None:
-        self.key = key  # the instance key: "dense" or "categorical"
-        self.names = names
-        self.index = {n: j for j, n in enumerate(names)}
-        self.accepted = accepted  # exact types (bool is not int here)
-        self.accepted_or_null = accepted | {type(None)}
-        self.missing = missing
-        self.expected = expected
-        self.what = what
-        self.shown = f"({names[0]}..{names[-1]})" if len(names) > 2 else str(list(names))
+    Args:
+        featurizer: the model's featurizer (its schema turns the values into graph inputs).
+        size: B.
+        dense: B x n_dense raw numbers, NaN = missing.
+        categorical: B x F raw tokens (str or int), None = missing.
+    """
+
+    featurizer: Featurizer
+    size: int
+    dense: list[float]
+    categorical: list[object]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def slice(self, start: int, stop: int) -> RawRows:
+        nd, nf = self.featurizer.num_dense, self.featurizer.num_fields
+        return RawRows(
+            self.featurizer, stop - start, self.dense[start * nd : stop * nd], self.categorical[start * nf : stop * nf]
+        )
+
+    @staticmethod
+    def merge(pieces: Sequence[Rows]) -> Batch:
+        parts: Sequence[RawRows] = pieces  # type: ignore[assignment]
+        if len(parts) == 1:
+            p = parts[0]
+            return p.featurizer.batch(p.dense, p.categorical, p.size)
+        featurizer = parts[0].featurizer
+        if any(p.featurizer is not featurizer for p in parts):
+            return Batch.concatenate([p.featurizer.batch(p.dense, p.categorical, p.size) for p in parts])
+        dense = list(_chain(p.dense for p in parts))
+        categorical = list(_chain(p.categorical for p in parts))
+        return featurizer.batch(dense, categorical, sum(p.size for p in parts))
 
 
 @dataclass(slots=True)
 class Instances:
-    """Parsed native instances: raw values per row, missing as NaN / None, plus feature-store keys."""
+    """Parsed native instances: their raw rows, plus what the feature store needs."""
 
-    dense: list[list[float]]  # (B, n_dense) raw, NaN = missing
-    categorical: list[list[object]]  # (B, n_fields) raw, None = missing
+    rows: RawRows
     entities: list[str | None] | None  # per instance, None when no instance names an entity
     defaults_ok: set[int] | None = None  # instances that said "missing_entity": "defaults"
 
     def __len__(self) -> int:
-        return len(self.categorical)
+        return self.rows.size
 
 
 class Featurizer:
-    """Validates payloads against one :class:`~models.schema.FeatureSchema` and builds :class:`Batch` es."""
+    """Validates payloads against one :class:`~models.schema.FeatureSchema` and makes their rows."""
 
     def __init__(self, schema: FeatureSchema) -> None:
         self.schema = schema
         self.num_dense = schema.num_dense
         self.num_fields = schema.num_fields
-        self._dense = _Features(
-            "dense", schema.dense_names, frozenset((float, int)), NAN, "a number or null", "feature"
-        )
-        self._categorical = _Features(
-            "categorical",
-            schema.categorical_names,
-            frozenset((str, int)),
-            None,
-            "a string, an integer or null",
-            "field",
-        )
-        self.dense_index = self._dense.index
-        self.categorical_index = self._categorical.index
+        self.dense_names = schema.dense_names
+        self.categorical_names = schema.categorical_names
+        self.dense_index = {n: j for j, n in enumerate(schema.dense_names)}
+        self.categorical_index = {n: j for j, n in enumerate(schema.categorical_names)}
+        self._dense_shown = _shown(schema.dense_names) if schema.dense_names else "[]"
+        self._categorical_shown = _shown(schema.categorical_names)
+        self._missing_dense = [NAN] * self.num_dense
+        self._missing_categorical: list[object] = [None] * self.num_fields
+
+    def batch(self, dense: list[float], categorical: list[object], size: int) -> Batch:
+        """Graph inputs of ``size`` rows of validated raw values (flat, row-major)."""
+        raw = np.array(dense, dtype=np.float64).reshape(size, self.num_dense)
+        return Batch(transform_dense(raw), self.schema.keys_flat(categorical, size))
 
     # --- native instances ---
 
@@ -109,8 +141,8 @@ class Featurizer:
         if type(instances) is not list:
             raise InvalidInput(f"instances: expected an array of objects, got {json_type(instances)}")
         check_count(len(instances), max_instances, "instances")
-        dense: list[list[float]] = []
-        categorical: list[list[object]] = []
+        dense: list[float] = []
+        categorical: list[object] = []
         entities: list[str | None] | None = None
         defaults_ok: set[int] | None = None
         for i, inst in enumerate(instances):
@@ -118,58 +150,101 @@ class Featurizer:
                 raise InvalidInput(f"instances[{i}]: expected an object, got {json_type(inst)}")
             if not inst.keys() <= INSTANCE_KEYS:
                 unknown = sorted(set(inst) - INSTANCE_KEYS)
-                raise InvalidInput(
-                    f"instances[{i}]: unknown key {unknown[0]!r}; expected dense, categorical, entity, missing_entity"
-                )
-            dense.append(self._row(i, inst.get("dense"), self._dense))
-            categorical.append(self._row(i, inst.get("categorical"), self._categorical))
-            entity = inst.get("entity")
-            if entity is not None:
-                if type(entity) is not str or not entity:
-                    raise InvalidInput(f"instances[{i}].entity: expected a non-empty string, got {json_type(entity)}")
-                if entities is None:
-                    entities = [None] * len(instances)
-                entities[i] = entity
-            policy = inst.get("missing_entity")
-            if policy is not None:
-                if policy not in MISSING_ENTITY_POLICIES:
-                    expected = list(MISSING_ENTITY_POLICIES)
-                    raise InvalidInput(f"instances[{i}].missing_entity: expected one of {expected}, got {policy!r}")
-                if policy == "defaults":
-                    defaults_ok = set() if defaults_ok is None else defaults_ok
-                    defaults_ok.add(i)
-        return Instances(dense, categorical, entities, defaults_ok)
-
-    def _row(self, i: int, values: object, f: _Features) -> list[Any]:
-        """One instance's raw values of one kind, in schema order (missing: ``f.missing``)."""
-        n = len(f.names)
-        if values is None:
-            return [f.missing] * n
-        if type(values) is list:
-            if len(values) != n:
-                raise InvalidInput(f"instances[{i}].{f.key}: expected {n} values {f.shown}, got {len(values)}")
-            types = set(map(type, values))  # one C-level pass; the loop below only runs to name a bad value
-            if types <= f.accepted:
-                return values
-            if not types <= f.accepted_or_null:
-                for j, v in enumerate(values):
-                    if type(v) not in f.accepted_or_null:
+                raise InvalidInput(f"instances[{i}]: unknown key {unknown[0]!r}; expected {', '.join(INSTANCE_FIELDS)}")
+            self._dense(i, inst.get("dense"), dense)
+            self._categorical(i, inst.get("categorical"), categorical)
+            if len(inst) > ("dense" in inst) + ("categorical" in inst):  # entity or missing_entity
+                entity = inst.get("entity")
+                if entity is not None:
+                    if type(entity) is not str or not entity:
                         raise InvalidInput(
-                            f"instances[{i}].{f.key}[{j}] ({f.names[j]}): expected {f.expected}, got {json_type(v)}"
+                            f"instances[{i}].entity: expected a non-empty string, got {json_type(entity)}"
                         )
-            return values if f.missing is None else [f.missing if v is None else v for v in values]
-        if type(values) is dict:
-            row = [f.missing] * n
+                    if entities is None:
+                        entities = [None] * len(instances)
+                    entities[i] = entity
+                policy = inst.get("missing_entity")
+                if policy is not None:
+                    if policy not in MISSING_ENTITY_POLICIES:
+                        expected = list(MISSING_ENTITY_POLICIES)
+                        raise InvalidInput(f"instances[{i}].missing_entity: expected one of {expected}, got {policy!r}")
+                    if policy == "defaults":
+                        defaults_ok = set() if defaults_ok is None else defaults_ok
+                        defaults_ok.add(i)
+        return Instances(RawRows(self, len(instances), dense, categorical), entities, defaults_ok)
+
+    def _dense(self, i: int, values: object, out: list[float]) -> None:
+        """Append one instance's raw dense values in schema order (missing: NaN) to ``out``."""
+        if values is None:
+            out += self._missing_dense
+        elif type(values) is list:
+            if len(values) != self.num_dense:
+                raise InvalidInput(
+                    f"instances[{i}].dense: expected {self.num_dense} values {self._dense_shown}, got {len(values)}"
+                )
+            types = set(map(type, values))  # one C-level pass; the loop below only runs to name a bad value
+            if types <= _NUMBER:
+                out += values
+                return
+            if not types <= _NUMBER_OR_NULL:
+                self._bad_value(i, "dense", values, _NUMBER_OR_NULL, self.dense_names, "a number or null")
+            out += [NAN if v is None else v for v in values]
+        elif type(values) is dict:
+            row = list(self._missing_dense)
+            index = self.dense_index
             for name, v in values.items():
-                idx = f.index.get(name)
-                if idx is None:
-                    raise InvalidInput(f"instances[{i}].{f.key}: unknown {f.what} {name!r}; expected {f.shown}")
-                if type(v) in f.accepted:
-                    row[idx] = v
+                j = index.get(name)
+                if j is None:
+                    raise InvalidInput(f"instances[{i}].dense: unknown feature {name!r}; expected {self._dense_shown}")
+                if type(v) in _NUMBER:
+                    row[j] = v
                 elif v is not None:
-                    raise InvalidInput(f"instances[{i}].{f.key}.{name}: expected {f.expected}, got {json_type(v)}")
-            return row
-        raise InvalidInput(f"instances[{i}].{f.key}: expected an array or an object, got {json_type(values)}")
+                    raise InvalidInput(f"instances[{i}].dense.{name}: expected a number or null, got {json_type(v)}")
+            out += row
+        else:
+            raise InvalidInput(f"instances[{i}].dense: expected an array or an object, got {json_type(values)}")
+
+    def _categorical(self, i: int, values: object, out: list[object]) -> None:
+        """Append one instance's raw tokens in schema order (missing: None) to ``out``."""
+        if values is None:
+            out += self._missing_categorical
+        elif type(values) is list:
+            if len(values) != self.num_fields:
+                raise InvalidInput(
+                    f"instances[{i}].categorical: expected {self.num_fields} values {self._categorical_shown},"
+                    f" got {len(values)}"
+                )
+            if not set(map(type, values)) <= _TOKEN_OR_NULL:
+                self._bad_value(
+                    i, "categorical", values, _TOKEN_OR_NULL, self.categorical_names, "a string, an integer or null"
+                )
+            out += values
+        elif type(values) is dict:
+            row = list(self._missing_categorical)
+            index = self.categorical_index
+            for name, v in values.items():
+                j = index.get(name)
+                if j is None:
+                    raise InvalidInput(
+                        f"instances[{i}].categorical: unknown field {name!r}; expected {self._categorical_shown}"
+                    )
+                if type(v) in _TOKEN_OR_NULL:
+                    row[j] = v
+                else:
+                    raise InvalidInput(
+                        f"instances[{i}].categorical.{name}: expected a string, an integer or null, got {json_type(v)}"
+                    )
+            out += row
+        else:
+            raise InvalidInput(f"instances[{i}].categorical: expected an array or an object, got {json_type(values)}")
+
+    @staticmethod
+    def _bad_value(
+        i: int, key: str, values: list[Any], accepted: frozenset[type], names: tuple[str, ...], expected: str
+    ) -> None:
+        for j, v in enumerate(values):
+            if type(v) not in accepted:
+                raise InvalidInput(f"instances[{i}].{key}[{j}] ({names[j]}): expected {expected}, got {json_type(v)}")
 
     def merge_stored(self, parsed: Instances, stored: Sequence[Mapping[str, object] | None]) -> None:
         """Fill what each instance left missing from its entity's stored features (request values win).
@@ -179,6 +254,8 @@ class Featurizer:
         entity has nothing stored is an error (404 ``entity_not_found``) unless it said
         ``"missing_entity": "defaults"``: then it is scored with what it sent (missing = defaults).
         """
+        rows = parsed.rows
+        nd, nf = self.num_dense, self.num_fields
         for i, features in enumerate(stored):
             if not features:
                 entity = parsed.entities[i] if parsed.entities else None
@@ -188,16 +265,16 @@ class Featurizer:
                         ' "missing_entity": "defaults" to score it with the values it carries'
                     )
                 continue
-            dense, categorical = parsed.dense[i], parsed.categorical[i]
             for name, v in features.items():
                 j = self.dense_index.get(name)
                 if j is not None:
-                    if math.isnan(dense[j]) and v is not None and v != "":
-                        dense[j] = self._stored_number(i, parsed, name, v)
+                    k = i * nd + j
+                    if math.isnan(rows.dense[k]) and v is not None and v != "":
+                        rows.dense[k] = self._stored_number(i, parsed, name, v)
                     continue
                 j = self.categorical_index.get(name)
-                if j is not None and categorical[j] is None:
-                    categorical[j] = self._stored_token(i, parsed, name, v)
+                if j is not None and rows.categorical[i * nf + j] is None:
+                    rows.categorical[i * nf + j] = self._stored_token(i, parsed, name, v)
 
     @staticmethod
     def _stored_number(i: int, parsed: Instances, name: str, v: object) -> float:
@@ -220,13 +297,10 @@ class Featurizer:
         entity = parsed.entities[i] if parsed.entities else None
         raise InvalidInput(f"instances[{i}]: stored feature {name} of entity {entity!r} has type {json_type(v)}")
 
-    def instances_batch(self, parsed: Instances) -> Batch:
-        dense = np.array(parsed.dense, dtype=np.float64).reshape(len(parsed), self.num_dense)
-        return Batch(transform_dense(dense), self.schema.keys_for(parsed.categorical))
-
     # --- Open Inference Protocol tensors ---
 
-    def tensors_batch(self, tensors: Sequence[Tensor], max_instances: int) -> Batch:
+    def tensors_rows(self, tensors: Sequence[Tensor], max_instances: int) -> Rows:
+        """The rows of v2 input tensors: a :class:`Batch` for INT64 keys, :class:`RawRows` for BYTES values."""
         by_name: dict[str, Tensor] = {}
         for t in tensors:
             if t.name not in TENSOR_NAMES:
@@ -238,26 +312,13 @@ class Featurizer:
             raise InvalidInput(f"input 'categorical' is missing: expected [batch, {self.num_fields}] BYTES or INT64")
         cat = by_name["categorical"]
         rows = self._tensor_rows(cat, self.num_fields, max_instances)
-        if cat.datatype == "INT64":
-            keys = np.ascontiguousarray(cat.data, dtype=np.int64).reshape(rows, self.num_fields)
-            bad = np.flatnonzero((keys < 0) | (keys > KEY_MASK))
-            if bad.size:
-                r, c = divmod(int(bad[0]), self.num_fields)
-                raise InvalidInput(
-                    f"input 'categorical'[{r}][{c}] ({self.schema.categorical_names[c]}): key {keys[r, c]} is"
-                    " outside [0, 2**62); send raw values as BYTES, or keys hashed with this model's schema"
-                )
-        elif cat.datatype == "BYTES":
-            values = list(cat.data)
-            f = self.num_fields
-            keys = self.schema.keys_for([values[r * f : (r + 1) * f] for r in range(rows)])
-        else:
+        if cat.datatype not in ("INT64", "BYTES"):
             raise InvalidInput(f"input 'categorical': datatype {cat.datatype} is not supported; use BYTES or INT64")
         dense_t = by_name.get("dense")
         if dense_t is None:
             if self.num_dense:
                 raise InvalidInput(f"input 'dense' is missing: expected [batch, {self.num_dense}] FP32")
-            dense = np.zeros((rows, 0), np.float32)
+            raw = np.zeros((rows, 0), np.float32)
         else:
             if dense_t.datatype != "FP32":
                 raise InvalidInput(f"input 'dense': datatype {dense_t.datatype} is not supported; use FP32")
@@ -267,8 +328,17 @@ class Featurizer:
                     " differ in batch size"
                 )
             raw = np.asarray(dense_t.data, dtype=np.float32).reshape(rows, self.num_dense)
-            dense = transform_dense(raw)
-        return Batch(dense, keys)
+        if cat.datatype == "BYTES":
+            return RawRows(self, rows, raw.reshape(-1).tolist(), list(cat.data))
+        keys = np.ascontiguousarray(cat.data, dtype=np.int64).reshape(rows, self.num_fields)
+        bad = np.flatnonzero((keys < 0) | (keys > KEY_MASK))
+        if bad.size:
+            r, c = divmod(int(bad[0]), self.num_fields)
+            raise InvalidInput(
+                f"input 'categorical'[{r}][{c}] ({self.categorical_names[c]}): key {keys[r, c]} is"
+                " outside [0, 2**62); send raw values as BYTES, or keys hashed with this model's schema"
+            )
+        return Batch(transform_dense(raw), keys)
 
     def _tensor_rows(self, t: Tensor, width: int, max_instances: int) -> int:
         if len(t.shape) != 2 or t.shape[1] != width:
@@ -277,3 +347,7 @@ class Featurizer:
         if len(t.data) != t.shape[0] * width:
             raise InvalidInput(f"input {t.name!r}: {len(t.data)} values do not fill shape {list(t.shape)}")
         return t.shape[0]
+
+
+def _shown(names: tuple[str, ...]) -> str:
+    return f"({names[0]}..{names[-1]})" if len(names) > 2 else str(list(names))

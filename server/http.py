@@ -1,34 +1,53 @@
-"""HTTP plumbing shared by all routes: JSON responses, bounded body reading, client-disconnect
-detection, and the middleware that gives every response an ``X-Request-ID``, counts it and logs it.
+"""HTTP plumbing of every route: the one request wrapper, the one reply (and error) renderer, body reading.
+
+:class:`RequestWrapper` runs around every HTTP request the app serves, scoring routes and FastAPI routes
+alike: it gives the request its id (the client's ``X-Request-ID`` when it is a safe token, else a new
+one), turns a :class:`~server.errors.ServingError` into its status and body (:meth:`Reply.error`; an
+unexpected exception into a logged 500), adds ``X-Request-ID`` to the response, counts and times the
+request (:class:`RequestRecorder`) and hands its access-log line to a background thread
+(:class:`AccessLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import queue
 import random
-import time
+import threading
 import zlib
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from server.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, ServingError, error_response
+from server.errors import (
+    ClientDisconnected,
+    HttpError,
+    InvalidInput,
+    PayloadTooLarge,
+    ServingError,
+    UnsupportedMediaType,
+    status_of,
+)
 from server.metrics import Metrics
 
 log = logging.getLogger("lma.server")
 access_log = logging.getLogger("lma.server.access")
 T = TypeVar("T")
-REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID = 128
 JSON = b"application/json"
 _ids = random.Random()  # seeded from os.urandom; reseeded in forked children so that ids never repeat across them
 os.register_at_fork(after_in_child=_ids.seed)
+Headers = list[tuple[bytes, bytes]]
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -40,12 +59,7 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body (gzip/deflate decoded), refusing more than ``limit`` bytes with 413."""
-    return await receive_body(request.scope["headers"], request.receive, limit)
-
-
-def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def header(headers: Headers, name: bytes) -> bytes | None:
     """The value of header ``name`` (lower case) in an ASGI header list, or None."""
     for key, value in headers:
         if key == name:
@@ -53,113 +67,161 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-async def receive_body(headers: list[tuple[bytes, bytes]], receive: Receive, limit: int) -> bytes:
+# --- bodies ---
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body of a FastAPI route's request (gzip/deflate decoded), refusing more than ``limit`` bytes."""
+    return await receive_body(request.scope["headers"], request.receive, limit)
+
+
+async def receive_body(headers: Headers, receive: Receive, limit: int) -> bytes:
     """The body of an ASGI request (gzip/deflate decoded), refusing more than ``limit`` bytes with 413."""
     length = header(headers, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"body: {length.decode()} bytes, more than the limit of {limit} (LMA_MAX_BODY_BYTES)")
-    body = b""
-    chunks: list[bytes] | None = None
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # http.disconnect
-            raise ClientDisconnected("client closed the connection while sending the body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body: more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
-        if not message.get("more_body", False):
-            if chunks is None:
-                body = chunk
-            else:
-                chunks.append(chunk)
-                body = b"".join(chunks)
-            break
-        if chunks is None:
-            chunks = []
-        chunks.append(chunk)
+    message = await receive()
+    if message["type"] != "http.request":  # http.disconnect
+        raise ClientDisconnected("client closed the connection while sending the body")
+    body: bytes = message.get("body", b"")
+    if message.get("more_body", False):
+        chunks = [body]
+        size = len(body)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnected("client closed the connection while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body: more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+    elif len(body) > limit:
+        raise PayloadTooLarge(f"body: more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
     encoding = header(headers, b"content-encoding")
-    if encoding and encoding != b"identity":
-        body = _decompress(body, encoding.decode("latin-1"), limit)
+    if encoding is not None and encoding != b"identity":
+        body = decompress(body, encoding.decode("latin-1"), limit)
     return body
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    wbits = {"gzip": 31, "deflate": 15}.get(encoding.strip().lower())
-    if wbits is None:
-        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise InvalidInput(f"body: not valid {encoding} data ({e})") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"body: decompresses to more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
-    return out
+CONTENT_ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15, "identity": 0}  # name -> zlib wbits (0: as is)
 
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decoded from its Content-Encoding (RFC 9110 8.4: a list, applied in order; decoded in reverse).
+
+    An encoding we cannot decode is 415 Unsupported Media Type; a stream that is corrupt, truncated or
+    followed by other bytes is 422; more than ``limit`` decoded bytes is 413.
+    """
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in codings:
+        if coding not in CONTENT_ENCODINGS:
+            raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not supported; use gzip, deflate or identity")
+    for coding in reversed(codings):
+        wbits = CONTENT_ENCODINGS[coding]
+        if wbits == 0:
+            continue
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(body, limit + 1)
+        except zlib.error as e:
+            raise InvalidInput(f"body: not valid {coding} data ({e})") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise PayloadTooLarge(f"body: decompresses to more than the limit of {limit} bytes (LMA_MAX_BODY_BYTES)")
+        if not d.eof:
+            raise InvalidInput(f"body: the {coding} data is truncated (the stream does not end)")
+        if d.unused_data:
+            raise InvalidInput(f"body: {len(d.unused_data)} bytes follow the end of the {coding} data")
+        body = out
+    return body
+
+
+# --- clients that go away ---
 
 # A request still running after this long starts watching for its client going away. Most requests are
-# answered sooner (the batcher waits LMA_MAX_WAIT_MS, 2 ms by default) and never pay for a watcher task;
-# a client that left earlier is still noticed at once then, as receive() reports a past disconnect
-# immediately. So a vanished client's request costs the model at most this much more than before.
+# answered sooner and never pay for a watcher; a client that left earlier is still noticed then, as
+# receive() reports a past disconnect at once. So a vanished client's request costs the model at most this
+# much more than before. One sweeper task per app checks every DISCONNECT_WATCH_AFTER_S (no timer per request).
 DISCONNECT_WATCH_AFTER_S = 0.010
 
 
-class _DisconnectWatch:
-    """Cancels ``task`` when ``receive()`` reports that the client disconnected (see await_unless_disconnected)."""
+class _Watched:
+    """A request awaiting its answer: cancelled when ``receive()`` reports that the client disconnected."""
 
-    __slots__ = ("finished", "gone", "receive", "task", "watcher")
+    __slots__ = ("gone", "receive", "since", "task", "watcher")
 
-    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+    def __init__(self, task: asyncio.Task[Any], receive: Receive, since: float) -> None:
         self.task = task
         self.receive = receive
+        self.since = since
         self.watcher: asyncio.Future[Message] | None = None
-        self.finished = False
         self.gone = False
 
     def start(self) -> None:
-        if not self.finished:
-            self.watcher = asyncio.ensure_future(self.receive())
-            self.watcher.add_done_callback(self._on_message)
+        self.watcher = asyncio.ensure_future(self.receive())
+        self.watcher.add_done_callback(self._on_message)
 
     def _on_message(self, watcher: asyncio.Future[Message]) -> None:
-        if self.finished or watcher.cancelled() or watcher.exception() is not None:
+        if watcher.cancelled() or watcher.exception() is not None:
             return
         if watcher.result().get("type") == "http.disconnect":
             self.gone = True
             self.task.cancel()
 
     def stop(self) -> None:
-        self.finished = True
         if self.watcher is not None:
             self.watcher.cancel()
 
 
-async def await_unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`.
+class DisconnectWatch:
+    """Cancels the awaited work of requests whose clients went away (see :meth:`wait`)."""
 
-    After the body is read, the server's next ``receive()`` message is ``http.disconnect``, sent when
-    the client goes away or the response is complete. Cancelling our own task cancels the awaited
-    batcher future, so the batcher drops the request before it costs the model anything.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    watch = _DisconnectWatch(task, receive)
-    timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch.start)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if watch.gone and task.uncancel() == 0:
-            raise ClientDisconnected("client closed the connection before the response was ready") from None
-        raise
-    finally:
-        timer.cancel()
-        watch.stop()
+    def __init__(self) -> None:
+        self._waiting: dict[int, _Watched] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def wait(self, receive: Receive, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`.
+
+        After the body is read, the server's next ``receive()`` message is ``http.disconnect``, sent when
+        the client goes away or the response is complete. Cancelling our own task cancels the awaited
+        batcher future, so the batcher drops the request before it costs the model anything.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        w = _Watched(task, receive, loop.time())
+        key = id(w)
+        self._waiting[key] = w
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(DISCONNECT_WATCH_AFTER_S, self._sweep)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if w.gone and task.uncancel() == 0:
+                raise ClientDisconnected("client closed the connection before the response was ready") from None
+            raise
+        finally:
+            del self._waiting[key]
+            w.stop()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() - DISCONNECT_WATCH_AFTER_S
+        for w in self._waiting.values():
+            if w.watcher is None and w.since <= due:
+                w.start()
+        self._sweeper = loop.call_later(DISCONNECT_WATCH_AFTER_S, self._sweep) if self._waiting else None
+
+
+# --- request context, replies ---
 
 
 class RequestContext:
-    """What a request's handler tells the middleware: which model answered, and a few timings."""
+    """What a request's handler tells the wrapper: which model answered, and a few timings."""
 
     __slots__ = ("model", "request_id", "timings", "version")
 
@@ -172,7 +234,7 @@ class RequestContext:
 
 def request_context(request: Request) -> RequestContext:
     ctx = request.scope.get("lma")
-    if ctx is None:  # app used without the middleware (never in build_app)
+    if ctx is None:  # app used without the wrapper (never in build_app)
         ctx = request.scope["lma"] = RequestContext(new_request_id())
     return ctx  # type: ignore[no-any-return]
 
@@ -182,7 +244,7 @@ def new_request_id() -> str:
     return f"{_ids.getrandbits(96):024x}"
 
 
-def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+def client_request_id(headers: Headers) -> str | None:
     """The client's X-Request-ID when it is a safe token (printable ASCII, no spaces, at most 128 bytes)."""
     value = header(headers, b"x-request-id")
     if value is not None and 0 < len(value) <= _MAX_REQUEST_ID and all(33 <= c < 127 for c in value):
@@ -191,12 +253,12 @@ def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 class Reply:
-    """A response body with its media type and extra headers, sent by FastAPI routes and raw ASGI alike."""
+    """A response: body, status, media type, extra headers. The one renderer of answers and errors alike."""
 
     __slots__ = ("body", "headers", "media_type", "status")
 
     def __init__(
-        self, body: bytes, status: int = 200, media_type: bytes = JSON, headers: list[tuple[bytes, bytes]] | None = None
+        self, body: bytes, status: int = 200, media_type: bytes = JSON, headers: Headers | None = None
     ) -> None:
         self.body = body
         self.status = status
@@ -204,46 +266,76 @@ class Reply:
         self.headers = headers or []
 
     @classmethod
-    def error(cls, exc: ServingError) -> Reply:
-        body = orjson.dumps({"error": exc.message, "kind": exc.kind})
+    def error(cls, exc: ServingError, protocol: str = "native") -> Reply:
+        """The answer to ``exc``: ``{"error", "kind"}`` on native routes, ``{"error"}`` on v2 routes (the OIP
+        spec's error shape), with the status of :func:`server.errors.status_of`."""
+        content = {"error": exc.message} if protocol == "v2" else {"error": exc.message, "kind": exc.kind}
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers().items()]
-        return cls(body, exc.status, JSON, headers)
+        return cls(orjson.dumps(content), status_of(exc, protocol), JSON, headers)
 
     def response(self) -> Response:
         response = Response(self.body, status_code=self.status)
-        response.raw_headers = self._headers()
+        response.raw_headers = self.raw_headers()
         return response
 
-    def _headers(self) -> list[tuple[bytes, bytes]]:
+    def raw_headers(self) -> Headers:
         # the headers (and order) Starlette's Response gives: extra headers, content-length, content-type
         return [*self.headers, (b"content-length", b"%d" % len(self.body)), (b"content-type", self.media_type)]
 
     async def send(self, send: Send, extra: tuple[bytes, bytes]) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": [*self._headers(), extra]})
+        await send({"type": "http.response.start", "status": self.status, "headers": [*self.raw_headers(), extra]})
         await send({"type": "http.response.body", "body": self.body})
 
 
+# --- what each finished request leaves behind: metrics, access log ---
+
+
+class AccessLog:
+    """The access log, written by a background thread: the event loop only queues a dict per request."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lma-access-log", daemon=True)
+        self._thread.start()
+
+    def write(self, fields: dict[str, Any]) -> None:
+        self._queue.put(fields)
+
+    def _run(self) -> None:
+        while True:
+            fields = self._queue.get()
+            if fields is None:
+                return
+            with contextlib.suppress(Exception):  # a broken handler must not kill the thread
+                access_log.info("request", extra={"fields": fields})
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
 class RequestRecorder:
-    """Counts, times and logs each finished request (one per app: the middleware and the scoring routes)."""
+    """Counts, times and logs each finished request (one per app)."""
 
     def __init__(self, metrics: Metrics, log_requests: bool = True) -> None:
         self.metrics = metrics
-        self.log_requests = log_requests
-        self._counters: dict[tuple[str, str, str], Any] = {}
+        self.access_log = AccessLog() if log_requests else None
+        self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[tuple[str, str], Any] = {}
 
     def finish(self, method: str, route: str, ctx: RequestContext, status: int, elapsed: float) -> None:
-        key = (ctx.model, route, str(status))
+        key = (ctx.model, route, status)
         counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[key] = self.metrics.requests.labels(*key)
+            counter = self._counters[key] = self.metrics.requests.labels(ctx.model, route, str(status))
         counter.inc()
         hkey = (ctx.model, route)
         histogram = self._histograms.get(hkey)
         if histogram is None:
             histogram = self._histograms[hkey] = self.metrics.request_duration.labels(*hkey)
         histogram.observe(elapsed)
-        if self.log_requests:
+        if self.access_log is not None:
             fields: dict[str, Any] = {
                 "request_id": ctx.request_id,
                 "method": method,
@@ -255,44 +347,57 @@ class RequestRecorder:
             }
             for k, v in ctx.timings.items():
                 fields[k] = round(v * 1000, 3)
-            access_log.info("request", extra={"fields": fields})
+            self.access_log.write(fields)
+
+    def close(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
 
 
-class RequestContextMiddleware:
-    """Pure ASGI (no per-request task): request id, request metrics, access log, last-resort 500.
+def internal_error(request_id: str) -> ServingError:
+    return ServingError(f"internal server error (request id {request_id})")
 
-    An exception nothing else handled becomes a 500 with the usual error body and the request id,
-    logged with its traceback; the server carries on.
-    """
 
-    def __init__(self, app: ASGIApp, recorder: RequestRecorder) -> None:
-        self.app = app
-        self.recorder = recorder
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: the request's path without the app's ``root_path`` prefix."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        request_id = client_request_id(scope["headers"]) or new_request_id()
-        ctx = scope["lma"] = RequestContext(request_id)
-        id_header = (b"x-request-id", request_id.encode("ascii"))
-        status = 0
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
+def protocol_of(scope: Scope) -> str:
+    """Which protocol's error shape a request gets: ``v2`` under /v2, else ``native``."""
+    path = route_path(scope)
+    return "v2" if path == "/v2" or path.startswith("/v2/") else "native"
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            if status == 0:
-                response = error_response(500, "internal", f"internal server error (request id {request_id})")
-                await response(scope, receive, send_with_id)
-            status = status or 500
-        template = getattr(scope.get("route"), "path", "unmatched")
-        self.recorder.finish(scope["method"], template, ctx, status, time.perf_counter() - start)
+
+def register_error_handlers(app: FastAPI) -> None:
+    """FastAPI routes' errors through the one renderer (:meth:`Reply.error`)."""
+
+    async def on_serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return Reply.error(exc, protocol_of(request.scope)).response()
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        # Only path and query parameters are declared to FastAPI (bodies are parsed by hand).
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        error = InvalidInput(f"{where}: {first['msg']}" if where else str(first["msg"]))
+        return Reply.error(error, protocol_of(request.scope)).response()
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "not_found" if exc.status_code == 404 else "http_error"
+        error = HttpError(str(exc.detail), exc.status_code, kind, dict(exc.headers or {}))
+        return Reply.error(error, protocol_of(request.scope)).response()
+
+    async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware asks this for the 500 it sends, then re-raises ``exc`` to the
+        # request wrapper, which logs it with its traceback.
+        return Reply.error(internal_error(request_context(request).request_id), protocol_of(request.scope)).response()
+
+    app.add_exception_handler(ServingError, on_serving_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -25,7 +25,10 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-REJECT_REASONS = ("queue_full", "deadline", "cancelled", "not_ready")
+# Why a request was dropped before scoring: refused at admission because its deadline could not be met
+# (predicted_wait) or the queue was full (queue_full); its deadline passed while it was queued (deadline);
+# its client went away (cancelled); no model accepting requests (not_ready).
+REJECT_REASONS = ("predicted_wait", "queue_full", "deadline", "cancelled", "not_ready")
 
 DeviceMemorySource = Callable[[], Iterable[tuple[str, str, int]]]  # -> (model, device, bytes) rows
 
@@ -61,6 +64,7 @@ class ModelMetrics:
         self.inference_batches = m.inference_batches.labels(model)
         self.fallback_tokens = m.fallback_tokens.labels(model)
         self.queue_depth = m.queue_depth.labels(model)
+        self.admission_wait = m.admission_wait.labels(model)
         self.rejected = {reason: m.rejected.labels(model, reason) for reason in REJECT_REASONS}
 
 
@@ -83,6 +87,10 @@ class Metrics:
         self.queue_duration = Histogram(
             "lma_queue_duration_seconds", "Time from enqueue to the start of the request's first batch",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.admission_wait = Histogram(
+            "lma_admission_wait_seconds", "Time from a request's arrival (first bytes read, less the event loop's"
+            " lag) to its admission decision", ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_duration = Histogram(
             "lma_inference_duration_seconds", "Runtime time of one batch",

@@ -1,8 +1,8 @@
-"""Request and response shapes, for the OpenAPI document only.
+"""Shapes shared by the OpenAPI document of every route: the error body, the admin bodies, and the helpers
+that reference them.
 
-Bodies are parsed by hand on the hot path (orjson + :mod:`server.featurize`, which also gives the
-error messages that name instance and field); these models describe the same shapes so ``/docs``
-and ``/openapi.json`` document them.
+The bodies of each protocol live with the protocol (:mod:`server.protocols.native.schemas`,
+:mod:`server.protocols.v2.schemas`); :func:`component_schemas` puts them all in ``components.schemas``.
 """
 
 from __future__ import annotations
@@ -12,27 +12,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-Scalar = str | int | None
-
-
-class Instance(BaseModel):
-    dense: list[float | None] | dict[str, float | None] | None = Field(
-        None, description="raw dense values in schema order, or by name; null or absent = missing"
-    )
-    categorical: list[Scalar] | dict[str, Scalar] | None = Field(
-        None, description="raw categorical values in schema order, or by name; null or absent = missing"
-    )
-    entity: str | None = Field(None, description="feature-store key; stored features fill what is missing")
-
-
-class PredictRequest(BaseModel):
-    instances: list[Instance] = Field(..., description="1 to LMA_MAX_INSTANCES_PER_REQUEST instances")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[float] = Field(..., description="click probability per instance, in order")
-    model: str
-    version: str
+from server.protocols.native import schemas as native
+from server.protocols.v2 import schemas as v2
 
 
 class ReloadRequest(BaseModel):
@@ -55,30 +36,8 @@ class ErrorResponse(BaseModel):
     kind: str = Field(..., description="invalid_input, model_not_found, too_large, overloaded, not_ready, ...")
 
 
-class InferTensor(BaseModel):
-    name: str = Field(..., description="dense (FP32) or categorical (BYTES raw values, INT64 keys)")
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = Field(None, description="binary_data_size with the binary extension")
-    data: list[Any] | None = None
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[InferTensor]
-    outputs: list[dict[str, Any]] | None = None
-    parameters: dict[str, Any] | None = None
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    outputs: list[InferTensor]
-
-
 DOC_MODELS: tuple[type[BaseModel], ...] = (
-    PredictRequest, PredictResponse, ReloadRequest, ReloadResponse, ErrorResponse, InferRequest, InferResponse,
+    *native.DOC_MODELS, *v2.DOC_MODELS, ReloadRequest, ReloadResponse, ErrorResponse,
 )  # fmt: skip
 
 
@@ -94,10 +53,12 @@ def body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref}}}}
 
 
-def responses(ok: type[BaseModel] | None, *errors: int) -> dict[int | str, dict[str, Any]]:
+def responses(
+    ok: type[BaseModel] | None, *errors: int, error: type[BaseModel] = ErrorResponse
+) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     if ok is not None:
         out[200] = {"model": ok}
     for status in errors:
-        out[status] = {"model": ErrorResponse}
+        out[status] = {"model": error}
     return out

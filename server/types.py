@@ -1,15 +1,41 @@
-"""The two shapes the model side sees: a :class:`Batch` of graph inputs and its :class:`Scores`.
+"""The shapes the model side sees: :class:`Rows` of a request, a :class:`Batch` of graph inputs, its :class:`Scores`.
 
-Both are plain column arrays with ``concatenate`` / ``slice`` / ``len``: the batcher glues requests
-into one batch and cuts the scores back along the same row ranges.
+A request hands the batcher :class:`Rows`: either a :class:`Batch` (graph inputs already, e.g. v2 INT64
+keys) or raw values still to featurize (:class:`server.featurize.RawRows`). The batcher cuts rows with
+``slice``, glues the pieces of one runtime call with :func:`to_batch` (raw values of many requests are
+featurized together, in one pass) and cuts the :class:`Scores` back along the same row ranges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
+
+R = TypeVar("R", bound="Rows")
+
+
+class Rows(Protocol):
+    """Samples of one request (or a piece of one), in any form the batcher can cut and glue."""
+
+    def __len__(self) -> int: ...
+
+    def slice(self: R, start: int, stop: int) -> R: ...
+
+    @staticmethod
+    def merge(pieces: Sequence[Rows]) -> Batch:
+        """Graph inputs of ``pieces`` (all of this type), in order."""
+        ...
+
+
+def to_batch(pieces: Sequence[Rows]) -> Batch:
+    """The graph inputs of ``pieces`` in order: each kind merged by its own type, in one go where they agree."""
+    first = type(pieces[0])
+    if all(type(p) is first for p in pieces):
+        return first.merge(pieces)
+    return Batch.concatenate([type(p).merge([p]) for p in pieces])
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +69,10 @@ class Batch:
         if len(batches) == 1:
             return batches[0]
         return Batch(np.concatenate([b.dense for b in batches]), np.concatenate([b.keys for b in batches]))
+
+    @staticmethod
+    def merge(pieces: Sequence[Rows]) -> Batch:
+        return Batch.concatenate(pieces)  # type: ignore[arg-type]
 
     @staticmethod
     def zeros(size: int, num_dense: int, num_fields: int) -> Batch:

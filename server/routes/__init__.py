@@ -1,5 +1,5 @@
-"""The whole HTTP surface: native (/v1), Open Inference Protocol v2 (/v2), admin, metrics."""
+"""Operations routes (admin, metrics) and what every FastAPI route needs (:mod:`server.routes.deps`).
 
-from server.routes import admin, metrics, native, v2
-
-ROUTERS = (native.router, admin.router, v2.router, metrics.router)
+The protocol routes live with their protocols (:mod:`server.protocols`); :func:`server.app.build_app`
+includes them all.
+"""

@@ -156,8 +156,9 @@ async def test_full_queue_rejects_at_once(make: Callable[..., Harness]) -> None:
     waiting = [asyncio.ensure_future(h.batcher.submit(rows(1, seed=i), deadline())) for i in range(2)]
     await asyncio.sleep(0)
     with pytest.raises(Overloaded, match="2 requests are queued"):
-        await h.batcher.submit(rows(1), deadline())
+        h.batcher.admit(time.monotonic(), deadline())
     assert h.value("lma_rejected_total", reason="queue_full") == 1
+    assert h.value("lma_admission_wait_seconds_count") == 1
     await h.batcher.close(timeout_s=10)  # shutdown flushes what was accepted
     assert [len(w.result()) for w in waiting] == [1, 1]
     with pytest.raises(NotReady):
@@ -202,6 +203,36 @@ async def test_close_finishes_queued_work(make: Callable[..., Harness]) -> None:
     await h.batcher.close(timeout_s=10)
     assert [len(q.result()) for q in queued] == [2] * 5
     assert h.samples == 10 and h.value("lma_queue_depth") == 0
+
+
+async def test_a_deadline_that_cannot_be_met_is_refused_at_admission(bundles: Bundles) -> None:
+    runtime = OnnxRuntime(bundles.criteo_v1, "cpu", threads=1)
+    runtime.warmup([1, 4])  # the costs admission predicts from
+    h = Harness(runtime, max_batch_size=4, max_wait_ms=FAR)
+    b = h.batcher
+    b.start()
+    try:
+        now = time.monotonic()
+        # an idle batcher would hold a lone request for company up to max_wait_ms (a minute): refused
+        assert b.predicted_wait(now) >= FAR / 1000
+        with pytest.raises(Overloaded, match="would wait about 60000 ms"):
+            b.admit(now, now + 1.0)
+        queued = [asyncio.ensure_future(b.submit(rows(1, seed=i), deadline())) for i in range(3)]
+        await asyncio.sleep(0)
+        # 3 rows queued: a 4th fills the batch, so it waits for no company, only for the graph
+        cost = b.predicted_wait(now)
+        expected = runtime.expected_seconds(4)
+        assert expected is not None and cost == pytest.approx(b.slowdown * expected, rel=1e-9)
+        with pytest.raises(Overloaded, match="would wait about"):
+            b.admit(now, now + cost / 2)
+        assert h.value("lma_rejected_total", reason="predicted_wait") == 2
+        b.admit(now, now + 2 * cost)  # a deadline that leaves room is admitted
+        assert h.value("lma_admission_wait_seconds_count") == 3
+        await asyncio.wait_for(b.submit(rows(1, seed=9), deadline()), 30)  # the batch of 4 flushes on size
+        assert [len(q.result()) for q in queued] == [1, 1, 1]
+    finally:
+        await b.close(timeout_s=10)
+        runtime.close()
 
 
 def test_bad_limits_are_refused(runtime: Runtime) -> None:

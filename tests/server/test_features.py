@@ -52,8 +52,9 @@ def test_merge_fills_only_what_is_missing() -> None:
     assert parsed.entities == ["u", "v", None]
     stored = {"I1": 9, "I2": "2.5", "C1": "theirs", "C2": b"bytes", "X": "ignored"}
     f.merge_stored(parsed, [stored, None, None])
-    assert parsed.dense[0][:3] == [1.0, 2.5, parsed.dense[0][2]] and math.isnan(parsed.dense[0][2])
-    assert parsed.categorical[0][:3] == ["mine", "bytes", None]
+    dense, categorical = parsed.rows.dense, parsed.rows.categorical  # flat, row-major: 13 and 26 per instance
+    assert dense[:3] == [1.0, 2.5, dense[2]] and math.isnan(dense[2])
+    assert categorical[:3] == ["mine", "bytes", None]
     with pytest.raises(InvalidInput, match=r"instances\[1\]: stored feature I3 of entity 'v' is not a number: 'abc'"):
         f.merge_stored(parsed, [stored, {"I3": "abc"}, None])
     with pytest.raises(InvalidInput, match=r"instances\[1\]: stored feature C3 of entity 'v' has type number"):
@@ -70,6 +71,6 @@ def test_an_entity_with_nothing_stored_is_an_error_unless_defaults_are_asked_for
         [{"entity": "u", "categorical": {"C1": "x"}}, {"entity": "v", "missing_entity": "defaults"}], 10
     )
     f.merge_stored(parsed, [{"C2": "y"}, None])  # v is scored with what it carries
-    assert parsed.categorical[1] == [None] * 26
+    assert parsed.rows.categorical[26:] == [None] * 26
     with pytest.raises(InvalidInput, match=r"instances\[0\]\.missing_entity: expected one of \['error', 'defaults'\]"):
         f.parse_instances([{"entity": "u", "missing_entity": "zeros"}], 10)

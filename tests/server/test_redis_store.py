@@ -239,11 +239,12 @@ async def test_stored_values_merge_under_request_values(redis_server: RedisServe
     stored = await store.fetch([e for e in parsed.entities if e is not None])
     featurizer.merge_stored(parsed, stored)
 
-    assert parsed.dense[0][:3] == [1.5, 5.0, pytest.approx(float("nan"), nan_ok=True)]
-    assert parsed.categorical[0][:4] == ["req-c1", "stored-c2", None, None]
-    assert parsed.categorical[1][:2] == ["req-c1", None]
+    rows = parsed.rows  # flat, row-major: 13 dense and 26 categorical values per instance
+    assert rows.dense[:3] == [1.5, 5.0, pytest.approx(float("nan"), nan_ok=True)]
+    assert rows.categorical[:4] == ["req-c1", "stored-c2", None, None]
+    assert rows.categorical[26:28] == ["req-c1", None]
     expected = [["req-c1", "stored-c2", *[None] * 24], ["req-c1", *[None] * 25]]
-    assert (featurizer.instances_batch(parsed).keys == schema.keys_for(expected)).all()
+    assert (rows.merge([rows]).keys == schema.keys_for(expected)).all()
 
 
 # --------------------------------------------------------------------------------------------

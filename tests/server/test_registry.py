@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import ADMIN_TOKEN, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
 
 from server.app import build_app
-from server.engine import Engine
+from server.engine import Engine, Prediction
 from server.features import InMemoryFeatureStore
 from server.metrics import Metrics
 from server.registry import ModelRegistry
@@ -144,12 +145,20 @@ async def test_requests_in_flight_during_a_swap_all_succeed(
     v1 = direct_scores(bundles.criteo_v1, inst).probability
     v2 = direct_scores(bundles.criteo_v2, inst).probability
 
-    before = [asyncio.ensure_future(engine.predict("criteo", inst)) for _ in range(40)]
+    async def predict() -> Prediction:
+        ticket = engine.admit("criteo", None, time.monotonic(), 30.0)  # holds the version serving now
+        try:
+            await asyncio.sleep(0.001)  # the body being read: a swap may happen meanwhile
+            return await engine.predict(ticket, inst)
+        finally:
+            engine.release(ticket)
+
+    before = [asyncio.ensure_future(predict()) for _ in range(40)]
     await asyncio.sleep(0)  # they hold version 1 now
     swap = asyncio.ensure_future(engine.registry.swap("criteo", bundles.criteo_v2.path))
-    during = [asyncio.ensure_future(engine.predict("criteo", inst)) for _ in range(40)]
+    during = [asyncio.ensure_future(predict()) for _ in range(40)]
     result = await swap
-    after = [await engine.predict("criteo", inst) for _ in range(5)]
+    after = [await predict() for _ in range(5)]
     assert result.ok
     for p in await asyncio.gather(*before):
         assert p.version == "1"

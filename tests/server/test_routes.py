@@ -20,6 +20,9 @@ PREDICT = "/v1/models/criteo:predict"
 
 def error(r: Any) -> tuple[int, str, str]:
     body = r.json()
+    if r.url.path.startswith("/v2/"):  # the Open Inference Protocol's error shape: {"error": ...} alone
+        assert set(body) == {"error"}, body
+        return r.status_code, "", body["error"]
     assert set(body) == {"error", "kind"}, body
     return r.status_code, body["kind"], body["error"]
 
@@ -149,8 +152,17 @@ def test_gzip_body_is_accepted(app_client: TestClient) -> None:
     plain = app_client.post(PREDICT, content=raw).json()["predictions"]
     zipped = app_client.post(PREDICT, content=gzip.compress(raw), headers={"content-encoding": "gzip"})
     assert zipped.status_code == 200 and zipped.json()["predictions"] == plain
-    status, kind, _ = error(app_client.post(PREDICT, content=raw, headers={"content-encoding": "br"}))
-    assert (status, kind) == (422, "invalid_input")
+    status, kind, text = error(app_client.post(PREDICT, content=raw, headers={"content-encoding": "br"}))
+    assert (status, kind) == (415, "unsupported_media_type") and text.startswith("Content-Encoding 'br'")
+    # a gzip stream cut short is refused, never scored as far as it goes
+    status, kind, text = error(
+        app_client.post(PREDICT, content=gzip.compress(raw)[:-8], headers={"content-encoding": "gzip"})
+    )
+    assert (status, kind) == (422, "invalid_input") and "truncated" in text
+    status, kind, text = error(
+        app_client.post(PREDICT, content=gzip.compress(raw) + b"junk", headers={"content-encoding": "gzip"})
+    )
+    assert (status, kind) == (422, "invalid_input") and "4 bytes follow the end of the gzip data" in text
 
 
 def test_overloaded_is_503_with_retry_after(bundles: Bundles, tmp_path: Path) -> None:
@@ -173,11 +185,39 @@ def test_overloaded_is_503_with_retry_after(bundles: Bundles, tmp_path: Path) ->
     assert first["r"].status_code == 200
 
 
-def test_deadline_is_504(bundles: Bundles, tmp_path: Path) -> None:
+def test_deadline_is_504(bundles: Bundles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path, bundles.criteo_v1)
-    with TestClient(build_app(settings_for(repo, request_timeout_ms=0.001))) as client:
-        status, kind, text = error(client.post(PREDICT, json={"instances": [instance()]}))
+    app = build_app(settings_for(repo, max_wait_ms=300))
+    with TestClient(app) as client:
+        batcher = app.state.engine.model("criteo").batcher
+        # an admission that predicts wrong (as a sudden stall of the machine would make it): the request is
+        # admitted with 50 ms to live, waits 300 ms for company in the queue, and is never scored
+        monkeypatch.setattr(batcher, "predicted_wait", lambda now, rows=1: 0.0)
+        r = client.post(PREDICT, json={"instances": [instance()]}, headers={"x-request-timeout-ms": "50"})
+        status, kind, text = error(r)
         assert (status, kind) == (504, "deadline_exceeded") and "deadline passed" in text
+        samples = app.state.metrics.registry.get_sample_value("lma_inference_samples_total", {"model": "criteo"})
+        assert samples in (None, 0.0)
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_before_the_body_is_read(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, bundles.criteo_v1)
+    with TestClient(build_app(settings_for(repo, max_wait_ms=500))) as client:
+        # a lone request waits up to 500 ms for company: a 100 ms deadline cannot be met; the body (not
+        # even JSON) is never read
+        r = client.post(PREDICT, content=b"not json", headers={"x-request-timeout-ms": "100"})
+        status, kind, text = error(r)
+        assert (status, kind, r.headers["retry-after"]) == (503, "overloaded", "1")
+        assert "would wait about 500 ms" in text
+        assert client.post(PREDICT, json={"instances": [instance()]}).status_code == 200  # 2 s: room to wait
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", ""])
+def test_a_bad_timeout_header_is_422_naming_it(app_client: TestClient, value: str) -> None:
+    r = app_client.post(PREDICT, json={"instances": [instance()]}, headers={"x-request-timeout-ms": value})
+    status, kind, text = error(r)
+    assert (status, kind) == (422, "invalid_input")
+    assert text == f"X-Request-Timeout-Ms: expected a positive number of milliseconds, got {value!r}"
 
 
 def test_not_ready_is_503(tmp_path: Path) -> None:
@@ -185,7 +225,7 @@ def test_not_ready_is_503(tmp_path: Path) -> None:
         assert client.get("/v2/health/live").status_code == 200
         for r in (client.get("/v2/health/ready"), client.post("/v1/predict", json={"instances": [{}]})):
             status, kind, _ = error(r)
-            assert (status, kind, r.headers["retry-after"]) == (503, "not_ready", "1")
+            assert (status, r.headers["retry-after"]) == (503, "1") and kind in ("not_ready", "")
         assert client.get("/v1/models").json() == {"models": []}
 
 

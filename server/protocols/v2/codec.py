@@ -37,6 +37,7 @@ class InferRequest:
     id: str | None
     inputs: list[Tensor]
     binary_output: bool
+    timeout_s: float | None = None  # parameters.timeout (microseconds on the wire, as Triton's), in seconds
 
 
 def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -76,7 +77,23 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
     request_id = request.get("id")
     if request_id is not None and type(request_id) is not str:
         raise InvalidInput(f"id: expected a string, got {json_type(request_id)}")
-    return InferRequest(request_id, inputs, _binary_output(request))
+    return InferRequest(request_id, inputs, _binary_output(request), _timeout(request))
+
+
+def _timeout(request: dict[str, Any]) -> float | None:
+    """``parameters.timeout``: the request's deadline in microseconds, as Triton's protocol extension has it
+    (tritonclient's ``infer(..., timeout=...)`` sends it)."""
+    params = request.get("parameters")
+    if params is None:
+        return None
+    if type(params) is not dict:
+        raise InvalidInput(f"parameters: expected an object, got {json_type(params)}")
+    timeout = params.get("timeout")
+    if timeout is None:
+        return None
+    if type(timeout) is not int or timeout <= 0:
+        raise InvalidInput(f"parameters.timeout: expected a positive integer of microseconds, got {timeout!r}")
+    return timeout / 1e6
 
 
 def _tensor_header(k: int, spec: object) -> tuple[str, str, tuple[int, ...], dict[str, Any]]:
@@ -187,14 +204,16 @@ def encode_infer_response(
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}, "application/octet-stream"
 
 
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}  # runtime -> v2 platform
+# runtime -> the platform name the Open Inference Protocol lists for it ("onnx_onnxv1", "pytorch_torchscript")
+PLATFORMS = {"onnx": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}
 
 
 def model_metadata(info: dict[str, Any]) -> dict[str, Any]:
     """``GET /v2/models/{name}`` from the engine's model info.
 
     ``categorical`` is declared BYTES (raw values); INT64 keys hashed with the model's schema are
-    accepted too. ``parameters`` carries the feature names, which the protocol has no field for.
+    accepted too. The spec's ``parameters`` hold scalar values only: the feature names in schema order
+    are in ``GET /v1/models/{name}`` (``dense_names``, ``categorical_names``).
     """
     n_dense, n_fields = len(info["dense_names"]), len(info["categorical_names"])
     inputs = [{"name": "categorical", "datatype": "BYTES", "shape": [-1, n_fields]}]
@@ -207,9 +226,11 @@ def model_metadata(info: dict[str, Any]) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 1]}],
         "parameters": {
-            "dense_names": info["dense_names"],
-            "categorical_names": info["categorical_names"],
-            "categorical_datatypes": ["BYTES", "INT64"],
+            "dense_features": n_dense,
+            "categorical_features": n_fields,
+            "categorical_datatypes": "BYTES,INT64",
             "dense_input": "raw values; the server applies log(1 + max(x, 0))",
+            "feature_names": f"GET /v1/models/{info['name']}",
+            "embedding": str(info.get("embedding", "")),
         },
     }
