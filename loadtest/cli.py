@@ -1,7 +1,7 @@
 """`lma bench` (registered through the lma.commands entry point): the benchmark harness of loadtest/bench.py.
 
-lma bench                                              # demo model, 1 and 2 workers, ~4 minutes
-lma bench --model-dir artifacts/demo --duration 10 --concurrency 1,8,32,64 --out docs/BENCHMARKS.md
+lma bench                                              # demo model, default and 1 worker, ~5 minutes
+lma bench --model-dir artifacts/demo --reference --out docs/BENCHMARKS.md
 """
 
 import argparse
@@ -13,28 +13,33 @@ from pathlib import Path
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "bench",
-        help="start a server, load it (closed and open loop), write a Markdown report with a plot",
-        description="Start `lma serve` on a free loopback port, drive it with the built-in load generator and "
-        "write the report (see loadtest/bench.py). Without --model-dir a small demo model is built first.",
+        help="start servers, load them (closed and open loop), write a Markdown report with a plot",
+        description="Start `lma serve` (and, with --reference, a FastAPI + ONNX Runtime reference server) on free "
+        "loopback ports, drive them with the built-in load generator and write the report (see "
+        "loadtest/bench/__init__.py). Without --model-dir a small demo model is built first.",
     )
     p.add_argument("--model-dir", type=Path, help="a bundle, artifacts/NAME (latest version), or a one-model repo")
     p.add_argument("--data", type=Path, help="rows to replay (default: the demo data, or synthetic Criteo rows)")
     p.add_argument("--format", default="criteo", help="format of --data (criteo, criteo-csv, avazu)")
-    p.add_argument("--workers", default="1,2", help="server worker counts to measure (default 1,2)")
+    p.add_argument(
+        "--workers", default="0,1", help="worker counts of the project's server (0: its default, one per core)"
+    )
+    p.add_argument("--reference", action="store_true", help="also measure the reference server side by side")
     p.add_argument("--runtime", default="onnx", choices=("onnx", "torchscript"))
+    p.add_argument("--rounds", type=int, default=2, help="closed-loop rounds, servers alternating (default 2)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per request kind (default 1)")
-    p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop connection counts (default 1,8,32,64)")
+    p.add_argument("--concurrency", default="16,64", help="closed-loop connection counts (default 16,64)")
     p.add_argument("--batch", type=int, default=32, help="samples per batched request (default 32)")
+    p.add_argument("--rates", default="", help="open-loop rates in requests/s (default: --rate-fractions)")
     p.add_argument(
-        "--rates", default="", help="open-loop rates in requests/s (default: 0.5, 0.8 and 2x the best closed-loop rate)"
+        "--rate-fractions", default="0.8,2,5", help="open-loop rates as multiples of the closed-loop capacity"
     )
-    p.add_argument("--rate-fractions", default="0.5,0.8,2", help="open-loop rates as fractions of the best rate")
+    p.add_argument(
+        "--deadlines", default="default,100", help="LMA_REQUEST_TIMEOUT_MS of the open-loop runs, ms or 'default'"
+    )
     p.add_argument(
         "--max-connections", type=int, default=1024, help="open loop: most requests in flight (default 1024)"
-    )
-    p.add_argument(
-        "--no-variants", action="store_true", help="skip the 1-worker LMA_MAX_WAIT_MS=0 and LMA_MAX_BATCH_SIZE=1 runs"
     )
     p.add_argument("--access-log", action="store_true", help="keep the per-request access log on (default off)")
     p.add_argument(
@@ -49,7 +54,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchConfig, dump_json, parse_list, run_bench, write_report
+    from loadtest.bench import BenchConfig, dump_json, parse_deadlines, parse_list, run_bench, write_report
 
     env = []
     for item in args.server_env:
@@ -62,15 +67,17 @@ def _bench(args: argparse.Namespace) -> int:
         data=args.data,
         data_format=args.format,
         workers=parse_list(args.workers, int, "--workers"),
+        reference=args.reference,
         runtime=args.runtime,
+        rounds=args.rounds,
         duration_s=args.duration,
         warmup_s=args.warmup,
         concurrency=parse_list(args.concurrency, int, "--concurrency"),
         batch_size=args.batch,
         rates=parse_list(args.rates, float, "--rates") if args.rates.strip() else (),
-        rate_fractions=parse_list(args.rate_fractions, float, "--rate-fractions"),
+        rate_fractions=parse_list(args.rate_fractions, float, "--rate-fractions") if args.rate_fractions else (),
+        deadlines_ms=parse_deadlines(args.deadlines),
         max_connections=args.max_connections,
-        variants=not args.no_variants,
         access_log=args.access_log,
         server_env=tuple(env),
         out=args.out,

@@ -13,7 +13,11 @@ Two ways to drive a server:
 - open loop (:func:`open_loop`): Poisson arrivals at ``rate`` requests/s, whatever the server does. Latency
   is measured from each request's *scheduled* send time, so a late generator or a stalled server shows up
   in the numbers instead of being hidden (no coordinated omission). At most ``max_connections`` requests
-  are in flight; an arrival that finds every connection busy is not sent and counted as ``dropped``.
+  are in flight; an arrival that finds every connection busy waits on the client for one (as a caller's
+  request waits for a pooled connection), still timed from its scheduled send, and one that gets no answer
+  within ``timeout_s`` of its schedule counts as a ``timeout``. Every scheduled arrival is accounted for:
+  answered (by status) or failed (by kind), and :meth:`LoadResult.arrival_percentiles_ms` puts the failed
+  ones into the latency distribution at the time the client gave up on them.
 
 Example::
 
@@ -31,7 +35,7 @@ import gc
 import ipaddress
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,8 +96,9 @@ class LoadResult:
     sent: int
     latency_ns: np.ndarray  # int64 (completed,)
     status: np.ndarray  # int16 (completed,)
-    dropped: int = 0  # open loop: arrivals that found every connection busy (never sent)
-    errors: Counter[str] = field(default_factory=Counter)  # requests that got no answer, by kind
+    errors: Counter[str] = field(default_factory=Counter)  # arrivals that got no answer, by kind
+    waited_for_connection: int = 0  # open loop: arrivals that found every connection busy and waited on the client
+    timeout_s: float = 10.0  # the client's time limit: failed arrivals count at it in arrival_percentiles_ms
     connect_errors: int = 0  # failed attempts to replace a lost connection (no request was sent on them)
     send_lag_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # open loop: send - schedule
     sample_bodies: dict[int, bytes] = field(default_factory=dict)  # the first body seen of each status
@@ -137,8 +142,25 @@ class LoadResult:
 
     @property
     def failed(self) -> int:
-        """Requests that got no answer: transport errors and (open loop) drops."""
-        return sum(self.errors.values()) + self.dropped
+        """Arrivals that got no answer: transport errors and timeouts."""
+        return sum(self.errors.values())
+
+    def arrival_percentiles_ms(self) -> dict[str, float]:
+        """p50/p95/p99/max over every arrival: answers at their latency (any status), failures at the timeout."""
+        lat = self.latency_ns
+        if self.failed:
+            lat = np.concatenate([lat, np.full(self.failed, int(self.timeout_s * 1e9), np.int64)])
+        if lat.size == 0:
+            return {f"p{q}": float("nan") for q in PERCENTILES} | {"max": float("nan")}
+        values = np.percentile(lat, PERCENTILES) / 1e6
+        out = {f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
+        out["max"] = float(lat.max()) / 1e6
+        return out
+
+    def goodput_per_s(self, deadline_s: float) -> float:
+        """200 answers that arrived within ``deadline_s`` of their (scheduled) send, per second."""
+        good = np.count_nonzero((self.status == 200) & (self.latency_ns <= int(deadline_s * 1e9)))
+        return good / self.duration_s if self.duration_s > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
         """Plain numbers (JSON-friendly) for reports."""
@@ -158,9 +180,10 @@ class LoadResult:
             "latency_ms": self.percentiles_ms(200),
             "latency_all_ms": self.percentiles_ms(None),
             "latency_503_ms": self.percentiles_ms(503),
+            "latency_arrivals_ms": self.arrival_percentiles_ms(),
             "status": self.status_counts(),
-            "dropped": self.dropped,
             "errors": dict(self.errors),
+            "waited_for_connection": self.waited_for_connection,
             "connect_errors": self.connect_errors,
             "send_lag_ms_p99": float(np.percentile(lag, 99)) / 1e6 if lag.size else 0.0,
             "client_cpu_s": round(self.client_cpu_s, 3),
@@ -363,21 +386,29 @@ class _Open(_Recorder):
         self.idle_conns: list[_Connection] = []
         self.conns: list[_Connection] = []
         self.lag = array.array("q")
-        self.dropped = 0
+        self.waiting: deque[int] = deque()  # scheduled times of arrivals waiting on the client for a connection
+        self.waited = 0
         self.reconnects: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()
 
     def _check_done(self) -> None:
-        if len(self.idle_conns) == len(self.conns):
+        if len(self.idle_conns) == len(self.conns) and not self.waiting:
             self.idle.set()
+
+    def _free(self, conn: _Connection) -> None:
+        """``conn`` can take a request: the oldest waiting arrival, else it idles."""
+        if self.waiting:
+            self._send(conn, self.waiting.popleft(), time.perf_counter_ns())
+        else:
+            self.idle_conns.append(conn)
+            self._check_done()
 
     def on_response(self, conn: _Connection, status: int, body: bytes | bytearray) -> None:
         self.record(conn, status, body, time.perf_counter_ns())
         if conn.closed:
             self.on_lost(conn, in_flight=False)
         else:
-            self.idle_conns.append(conn)
-            self._check_done()
+            self._free(conn)
 
     def on_lost(self, conn: _Connection, in_flight: bool) -> None:
         with contextlib.suppress(ValueError):
@@ -397,27 +428,40 @@ class _Open(_Recorder):
             self.connect_errors += 1
             return
         self.conns.append(conn)
-        self.idle_conns.append(conn)
+        self._free(conn)
 
     def dispatch(self, scheduled_ns: int, now: int) -> None:
-        if not self.idle_conns:
-            self.dropped += 1
-            return
-        conn = self.idle_conns.pop()
-        self.sent += 1
         self.idle.clear()
+        if not self.idle_conns:
+            self.waited += 1
+            self.waiting.append(scheduled_ns)
+            return
+        self._send(self.idle_conns.pop(), scheduled_ns, now)
+
+    def _send(self, conn: _Connection, scheduled_ns: int, now: int) -> None:
+        self.sent += 1
         self.lag.append(now - scheduled_ns)
         conn.send(next(self.requests), scheduled_ns)
 
+    def expire(self, now: int, timeout_ns: int) -> None:
+        """Arrivals that waited for a connection longer than the timeout: the client gives up on them."""
+        while self.waiting and now - self.waiting[0] > timeout_ns:
+            self.waiting.popleft()
+            self.fail("timeout")
+        self._check_done()
 
-async def _sweep_timeouts(conns: Any, timeout_ns: int) -> None:
-    """Abort requests in flight for longer than ``timeout_ns`` (checked every 50 ms)."""
+
+async def _sweep_timeouts(conns: Any, timeout_ns: int, rec: _Open | None = None) -> None:
+    """Abort requests in flight for longer than ``timeout_ns``, and expire arrivals that waited that long for a
+    connection (checked every 50 ms)."""
     while True:
         await asyncio.sleep(0.05)
         now = time.perf_counter_ns()
         for conn in list(conns()):
             if conn.busy and now - conn.t0 > timeout_ns:
                 conn.abort("timeout")
+        if rec is not None:
+            rec.expire(now, timeout_ns)
 
 
 async def closed_loop(
@@ -464,6 +508,7 @@ async def closed_loop(
         connect_errors=rec.connect_errors,
         sample_bodies=rec.sample_bodies,
         client_cpu_s=cpu,
+        timeout_s=timeout_s,
     )
 
 
@@ -495,8 +540,9 @@ async def open_loop(
     """Poisson arrivals at ``rate``/s for ``duration_s`` over at most ``max_connections`` connections.
 
     Each latency counts from the arrival's scheduled time. The generator sleeps between arrivals (timer
-    resolution ~1 ms on Linux event loops) and sends every arrival that is due when it wakes; how late it
-    sent them is ``send_lag_ns`` (already inside the latencies).
+    resolution ~1 ms on Linux event loops) and sends every arrival that is due when it wakes, on an idle
+    connection or, when all are busy, on the next one to free up; how late it sent them is ``send_lag_ns``
+    (already inside the latencies).
     """
     check_loopback(host)
     if max_connections < 1:
@@ -505,7 +551,7 @@ async def open_loop(
     rec = _Open(requests, host, port)
     rec.conns = await _connect_many(host, port, rec, max_connections)
     rec.idle_conns = list(rec.conns)
-    sweeper = asyncio.get_running_loop().create_task(_sweep_timeouts(lambda: rec.conns, int(timeout_s * 1e9)))
+    sweeper = asyncio.get_running_loop().create_task(_sweep_timeouts(lambda: rec.conns, int(timeout_s * 1e9), rec))
     n = len(arrivals)
     with _no_gc():
         cpu0 = time.process_time()
@@ -520,13 +566,13 @@ async def open_loop(
             if i < n:
                 wait = scheduled[i] - time.perf_counter_ns()
                 await asyncio.sleep(wait / 1e9 if wait > 0 else 0)
-        if rec.sent:
-            rec.idle.clear()
-            if len(rec.idle_conns) < len(rec.conns):
-                try:
-                    await asyncio.wait_for(rec.idle.wait(), timeout_s + 5.0)
-                except TimeoutError:
-                    rec.fail("generator_stalled")
+        rec.idle.clear()
+        rec._check_done()
+        try:
+            await asyncio.wait_for(rec.idle.wait(), timeout_s + 5.0)
+        except TimeoutError:
+            for _ in range(len(rec.waiting) + sum(c.busy for c in rec.conns)):
+                rec.fail("generator_stalled")
         cpu = time.process_time() - cpu0
     sweeper.cancel()
     await _close_all(rec.conns, rec.reconnects)
@@ -540,8 +586,9 @@ async def open_loop(
         sent=rec.sent,
         latency_ns=np.frombuffer(rec.latency, dtype=np.int64).copy(),
         status=np.frombuffer(rec.status, dtype=np.int16).copy(),
-        dropped=rec.dropped,
         errors=rec.errors,
+        waited_for_connection=rec.waited,
+        timeout_s=timeout_s,
         connect_errors=rec.connect_errors,
         send_lag_ns=np.frombuffer(rec.lag, dtype=np.int64).copy(),
         sample_bodies=rec.sample_bodies,

@@ -42,7 +42,7 @@ from server.http import (
 from server.logs import configure_logging
 from server.metrics import Metrics, multiprocess_dir
 from server.protocols.native import routes as native_routes
-from server.protocols.routing import RouteTable, openapi_paths
+from server.protocols.routing import TICKET, RouteTable, admit, openapi_paths
 from server.protocols.v2 import routes as v2_routes
 from server.registry import ModelRegistry
 from server.routes import admin
@@ -141,6 +141,32 @@ class LmaApp(FastAPI):
             status = status or 500
         template = getattr(scope.get("route"), "path", "unmatched")
         self.recorder.finish(scope["method"], template, ctx, status, time.perf_counter() - start)
+
+    def admit_early(self, scope: Scope, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes | None:
+        """Admission as the headers arrive (:mod:`server.http_protocol`): None to go on, or the refusal to write.
+
+        ``scope`` has the request's method, path and headers. An admitted scoring request takes its ticket
+        along in the scope; a refused one is counted and logged here like any answered request.
+        """
+        matched = self.routes_table.match(scope)
+        engine = getattr(self.state, "engine", None)
+        if matched is None or scope["method"] != "POST" or engine is None:
+            return None
+        route, params = matched
+        start = time.perf_counter()
+        name = params.get("name")
+        try:
+            scope[TICKET] = admit(engine, scope, name, params.get("version"), self.max_timeout_s)
+            return None
+        except ServingError as e:
+            ctx = RequestContext(client_request_id(scope["headers"]) or new_request_id())
+            if name is not None and engine.has_model(name):
+                ctx.model = name
+            reply = Reply.error(e, route.protocol)
+            self.recorder.finish("POST", route.template, ctx, reply.status, time.perf_counter() - start)
+            return reply.http11(default_headers, ctx.request_id, keep_alive)
+        except Exception:
+            return None  # the request goes the usual way, which logs what went wrong
 
 
 SCORING_ROUTES = RouteTable((*native_routes.SCORING, *v2_routes.SCORING))

@@ -116,6 +116,10 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._busy_until = 0.0  # time.monotonic() by which the batch in the runtime should be done
+        # Requests admitted and not yet queued (their bodies are being read and parsed): admission counts them
+        # as queued already, or a burst read in one turn of the event loop would all be admitted at once.
+        self.incoming = 0
+        self._rows_per_request = 1.0  # running mean, for the rows of requests not parsed yet
         self.slowdown = 1.0  # measured batch time / the runtime's predicted time (see SLOWDOWN_WEIGHT)
 
     @property
@@ -145,7 +149,7 @@ class Batcher:
         if self._closing or self._task is None:
             m.rejected["not_ready"].inc()
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
-        if len(self._queue) >= self.max_queue:
+        if counted and len(self._queue) + self.incoming >= self.max_queue:
             m.rejected["queue_full"].inc()
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
         wait = self.predicted_wait(now) + loop_lag_s
@@ -154,8 +158,14 @@ class Batcher:
             left = max(0.0, deadline - now) * 1000
             raise Overloaded(
                 f"model {self.name!r} is overloaded: a request now would wait about {wait * 1000:.0f} ms, and its"
-                f" deadline is {left:.0f} ms away; retry later"
+                f" deadline is {left:.1f} ms away; retry later"
             )
+        if counted:
+            self.incoming += 1
+
+    def leave(self) -> None:
+        """An admitted request ends without reaching the queue (bad body, client gone): no longer incoming."""
+        self.incoming = max(0, self.incoming - 1)
 
     def predicted_wait(self, now: float, rows: int = 1) -> float:
         """Seconds until a request of ``rows`` samples arriving ``now`` would be answered (admission's estimate).
@@ -164,7 +174,7 @@ class Batcher:
         the runtime's cost for its size (warm-up timings, scaled by the measured :attr:`slowdown`), plus
         ``max_wait_ms`` when this request would have to wait for company.
         """
-        queued = self._queued_rows + rows
+        queued = self._queued_rows + round(self.incoming * self._rows_per_request) + rows
         full, rest = divmod(queued, self.max_batch_size)
         wait = max(0.0, self._busy_until - now) + full * self._cost(self.max_batch_size) + self._cost(rest)
         if rest and not self._queue and self._busy_until <= now:
@@ -187,6 +197,7 @@ class Batcher:
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
         if len(batch) == 0:
             return Scores(np.zeros(0, np.float32), np.zeros(0, np.int64))
+        self._rows_per_request += 0.05 * (len(batch) - self._rows_per_request)
         now = time.monotonic()
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
         pending = _Pending(batch, future, deadline, now)

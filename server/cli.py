@@ -5,14 +5,16 @@
     LMA_MAX_BATCH_SIZE=512 lma serve artifacts/ --workers 2
 
 Settings not given as options come from ``LMA_*`` environment variables (server/settings.py);
-they are validated before anything starts. With ``--workers N`` each worker process loads its own
-copy of the models and metrics are aggregated across workers through a Prometheus multiprocess
-directory (a fresh temporary one unless PROMETHEUS_MULTIPROC_DIR is set). SIGTERM (or Ctrl-C)
-stops accepting connections, answers every accepted request, then exits 0.
+they are validated before anything starts. By default the server runs one worker process per core it
+may use (``--workers`` / ``LMA_WORKERS``; see :mod:`server.workers`); each loads its own copy of the
+models, and metrics are aggregated across workers through a Prometheus multiprocess directory (a fresh
+temporary one unless PROMETHEUS_MULTIPROC_DIR is set; emptied at start, as prometheus_client requires).
+SIGTERM (or Ctrl-C) stops accepting connections, answers every accepted request, then exits 0.
 """
 
 import argparse
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -24,7 +26,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own copy of the models")
+    p.add_argument(
+        "--workers", type=int, help="worker processes on the port, each with its own models (default: one per core)"
+    )
     p.add_argument("--runtime", choices=("onnx", "torchscript"), help="overrides LMA_RUNTIME (default onnx)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides LMA_DEVICE (default auto)")
     p.set_defaults(func=_serve)
@@ -33,7 +37,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def _serve(args: argparse.Namespace) -> int:
     import tempfile
 
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
@@ -42,35 +46,46 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["LMA_RUNTIME"] = args.runtime
     if args.device:
         os.environ["LMA_DEVICE"] = args.device
-    from server.settings import load_settings
+    if args.workers:
+        os.environ["LMA_WORKERS"] = str(args.workers)
+    from server.settings import load_settings, worker_count
 
     settings = load_settings()  # bad settings: one clear line, exit 2, before any worker starts
-    metrics_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = tempfile.TemporaryDirectory(prefix="lma-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-    import uvicorn
-
+    workers = worker_count(settings)
+    os.environ["LMA_WORKERS"] = str(workers)  # each worker sizes its runtime threads by it
     from server.logs import configure_logging
+    from server.workers import ServeOptions, serve, uvicorn_kwargs
 
     configure_logging(settings.log_level)
-    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
-    # before it: make that a no-op so a graceful stop exits with status 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: None)
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level,
+        drain_timeout_s=settings.drain_timeout_s,
+        backlog=settings.backlog,
+        workers=workers,
+    )
+    if workers == 1:
+        import uvicorn
+
+        # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
+        # before it: make that a no-op so a graceful stop exits with status 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
+        uvicorn.run("server.app:app_from_env", host=args.host, port=args.port, **uvicorn_kwargs(options))
+        return 0
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    temporary = None
+    if not metrics_dir:
+        temporary = tempfile.TemporaryDirectory(prefix="lma-metrics-")
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = temporary.name
+    else:  # files of an earlier run would be summed into this one's: the client requires an empty folder
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+    from prometheus_client import multiprocess
+
     try:
-        uvicorn.run(
-            "server.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_config=None,  # keep our JSON logging
-            access_log=False,  # the app writes its own access lines
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
-        )
+        return serve(options, on_dead=lambda pid: multiprocess.mark_process_dead(pid, metrics_dir))
     finally:
-        if metrics_dir is not None:
-            metrics_dir.cleanup()
-    return 0
+        if temporary is not None:
+            temporary.cleanup()

@@ -81,6 +81,7 @@ class Ticket:
     mv: ModelVersion
     arrival: float  # time.monotonic() of the request's arrival
     deadline: float  # time.monotonic() by which it must be answered
+    incoming: bool = True  # admitted, not yet in the batcher's queue (see Batcher.incoming)
 
 
 class Engine:
@@ -157,6 +158,9 @@ class Engine:
             ticket.mv.batcher.admit(time.monotonic(), deadline, self.loop_lag.lag_s, counted=False)
 
     def release(self, ticket: Ticket) -> None:
+        if ticket.incoming:
+            ticket.incoming = False
+            ticket.mv.batcher.leave()
         ticket.mv.release()
 
     # --- scoring ---
@@ -167,8 +171,8 @@ class Engine:
         start = time.perf_counter()
         parsed = mv.featurizer.parse_instances(instances, self._max_instances)
         if parsed.entities is not None:
-            await self._merge_stored(mv, parsed)
-        return await self._score(mv, parsed.rows, ticket.deadline, start, timings)
+            await self._merge_stored(mv, parsed, ticket.deadline)
+        return await self._score(ticket, parsed.rows, start, timings)
 
     async def infer(
         self, ticket: Ticket, tensors: Sequence[Tensor], timings: dict[str, float] | None = None
@@ -177,24 +181,26 @@ class Engine:
         mv = ticket.mv
         start = time.perf_counter()
         rows = mv.featurizer.tensors_rows(tensors, self._max_instances)
-        return await self._score(mv, rows, ticket.deadline, start, timings)
+        return await self._score(ticket, rows, start, timings)
 
-    async def _score(
-        self, mv: ModelVersion, rows: Rows, deadline: float, start: float, timings: dict[str, float] | None
-    ) -> Prediction:
+    async def _score(self, ticket: Ticket, rows: Rows, start: float, timings: dict[str, float] | None) -> Prediction:
+        mv = ticket.mv
         parsed = time.perf_counter()
-        scores = await mv.batcher.submit(rows, deadline)
+        ticket.incoming = False
+        mv.batcher.leave()  # now queued (or refused as closing): counted by the queue from here
+        scores = await mv.batcher.submit(rows, ticket.deadline)
         if timings is not None:
             timings["parse_ms"] = parsed - start
             timings["model_ms"] = time.perf_counter() - parsed
         return Prediction(mv.name, mv.version, scores)
 
-    async def _merge_stored(self, mv: ModelVersion, parsed: Instances) -> None:
+    async def _merge_stored(self, mv: ModelVersion, parsed: Instances, deadline: float) -> None:
         assert parsed.entities is not None
         unique = list(dict.fromkeys(e for e in parsed.entities if e is not None))
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self._store_timeout_s):
+            # the store's own limit, or what is left of the request's budget if that is less
+            async with asyncio.timeout(max(0.0, min(self._store_timeout_s, deadline - time.monotonic()))):
                 rows = await self.store.fetch(unique)
             if len(rows) != len(unique):
                 raise FeatureStoreUnavailable(f"feature store returned {len(rows)} rows for {len(unique)} entities")

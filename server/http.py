@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 import logging
 import os
 import queue
@@ -48,6 +49,7 @@ JSON = b"application/json"
 _ids = random.Random()  # seeded from os.urandom; reseeded in forked children so that ids never repeat across them
 os.register_at_fork(after_in_child=_ids.seed)
 Headers = list[tuple[bytes, bytes]]
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -281,6 +283,16 @@ class Reply:
     def raw_headers(self) -> Headers:
         # the headers (and order) Starlette's Response gives: extra headers, content-length, content-type
         return [*self.headers, (b"content-length", b"%d" % len(self.body)), (b"content-type", self.media_type)]
+
+    def http11(self, default_headers: Headers, request_id: str, keep_alive: bool) -> bytes:
+        """The whole HTTP/1.1 response as bytes (for answers written straight to a transport)."""
+        lines = [_STATUS_LINES.get(self.status) or b"HTTP/1.1 %d \r\n" % self.status]
+        for name, value in (*default_headers, *self.raw_headers(), (b"x-request-id", request_id.encode("ascii"))):
+            lines += (name, b": ", value, b"\r\n")
+        if not keep_alive:
+            lines.append(b"connection: close\r\n")
+        lines += (b"\r\n", self.body)
+        return b"".join(lines)
 
     async def send(self, send: Send, extra: tuple[bytes, bytes]) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": [*self.raw_headers(), extra]})

@@ -27,7 +27,7 @@ from server.errors import InvalidInput, ModelNotFound
 from server.featurize import Featurizer
 from server.metrics import Metrics
 from server.runtimes import Runtime, create_runtime, resolve_device
-from server.settings import Settings
+from server.settings import Settings, runtime_threads
 
 log = logging.getLogger("lma.server.registry")
 
@@ -199,7 +199,7 @@ class ModelRegistry:
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         s = self.settings
-        runtime = create_runtime(bundle, self.runtime, self.device, s.intra_op_threads)
+        runtime = create_runtime(bundle, self.runtime, self.device, runtime_threads(s))
         try:
             runtime.warmup(sorted({1, min(8, s.max_batch_size), s.max_batch_size}))
         except Exception:

@@ -125,16 +125,7 @@ class OnnxRuntime(Runtime):
         super().__init__(bundle, device, threads)
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        # Idle intra-op threads sleep instead of spinning: a spinning pool burns the cores the event loop and
-        # the other workers need (measured on 2 cores: 3.5x slower batches of 256 with spinning on).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3  # errors only; our own logs say what was loaded
+        opts = session_options(threads)
         cuda = device == "cuda"
         providers: list[Any] = [("CUDAExecutionProvider", {"device_id": 0})] if cuda else []
         providers.append("CPUExecutionProvider")
@@ -222,6 +213,24 @@ class TorchScriptRuntime(Runtime):
         del self._module
         if self.device == "cuda":
             self._torch.cuda.empty_cache()
+
+
+def session_options(threads: int = 0) -> Any:
+    """The ONNX Runtime session options of the server (also what ``lma bench`` times the graph and the
+    reference server with: a ceiling measured with other options would measure something else)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    # Idle intra-op threads sleep instead of spinning: a spinning pool burns the cores the event loop and
+    # the other workers need (measured on 2 cores: 3.5x slower batches of 256 with spinning on).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only; our own logs say what was loaded
+    return opts
 
 
 RUNTIMES: dict[str, type[Runtime]] = {cls.name: cls for cls in (OnnxRuntime, TorchScriptRuntime)}

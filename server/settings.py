@@ -8,6 +8,9 @@ refuses to start with a line like ``LMA_MAX_BATCH_SIZE: must be >= 1 (got 0)``.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +30,9 @@ class Settings(BaseSettings):
     default_model: str = Field("", description="model of POST /v1/predict (empty: the first name in sorted order)")
     runtime: Literal["onnx", "torchscript"] = "onnx"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int = Field(0, ge=0, description="threads of one inference (0: the runtime's default)")
+    intra_op_threads: int = Field(0, ge=0, description="threads of one inference (0: the cores per worker)")
+    workers: int = Field(0, ge=0, description="server processes on one port (0: one per core the server may use)")
+    backlog: int = Field(1024, ge=16, description="listen backlog of each worker's socket")
     watch_interval_s: float = Field(5.0, ge=0, description="poll the model repository this often (0: never)")
     # batching and admission
     max_batch_size: int = Field(256, ge=1, description="samples per runtime call")
@@ -86,6 +91,28 @@ class Settings(BaseSettings):
     @property
     def admin_enabled(self) -> bool:
         return self.admin_token is not None
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, cores)
+
+
+def worker_count(settings: Settings) -> int:
+    """``LMA_WORKERS``, or one worker per available core (what docs/BENCHMARKS.md measured best)."""
+    return settings.workers or available_cores()
+
+
+def runtime_threads(settings: Settings) -> int:
+    """Intra-op threads of one runtime: ``LMA_INTRA_OP_THREADS``, else the available cores shared by the workers."""
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    return max(1, available_cores() // worker_count(settings))
 
 
 def env_name(field: str) -> str:

@@ -27,6 +27,7 @@ from serving_helpers import make_run
 from export.bundle import load_bundle
 from export.exporter import export_run
 from loadtest import bench, loadgen
+from loadtest.bench import runs as bench_runs
 from loadtest.payloads import build_pools, synthetic_rows
 from models.schema import criteo_schema
 from server import batcher as batcher_module
@@ -49,7 +50,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bench.ServerProcess]:
     env = {"LMA_MAX_QUEUE": "2", "LMA_MAX_WAIT_MS": "100", "LMA_INTRA_OP_THREADS": "1", **bench.BASE_SERVER_ENV}
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    with bench.ServerProcess(bundle_dir, 1, "onnx", env, log) as proc:
+    with bench.ServerProcess(lambda port: bench.lma_serve_command(bundle_dir, port, workers=1), env, log) as proc:
         proc.wait_ready()
         yield proc
 
@@ -82,7 +83,7 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
 def test_closed_loop_counts_every_request(server: bench.ServerProcess, requests: tuple[bytes, ...]) -> None:
     before = counts(server)
     result = loadgen.run(loadgen.closed_loop("127.0.0.1", server.port, requests, concurrency=1, duration_s=0.6))
-    assert result.errors == {} and result.dropped == 0
+    assert result.errors == {} and result.failed == 0
     assert result.sent == result.completed == result.ok > 0  # one at a time: the queue never fills
     assert result.status_counts() == {200: result.sent}
     assert delta(counts(server), before) == {"200": result.sent}
@@ -103,20 +104,41 @@ def test_a_full_queue_is_counted_as_503(server: bench.ServerProcess, requests: t
     assert result.ok_per_s * result.duration_s == pytest.approx(by_status[200])
 
 
-def test_open_loop_drops_arrivals_that_find_no_free_connection(
-    server: bench.ServerProcess, requests: tuple[bytes, ...]
-) -> None:
+def test_open_loop_accounts_for_every_arrival(server: bench.ServerProcess, requests: tuple[bytes, ...]) -> None:
     before = counts(server)
     coro = loadgen.open_loop(
-        "127.0.0.1", server.port, requests, rate=200, duration_s=0.5, max_connections=1, seed=3
-    )  # one connection, each answer takes ~100 ms: most arrivals find it busy
+        "127.0.0.1", server.port, requests, rate=40, duration_s=0.5, max_connections=1, seed=3, timeout_s=30
+    )  # one connection, each answer takes ~100 ms: most arrivals find it busy and wait on the client for it
     result = loadgen.run(coro)
-    assert result.scheduled == len(loadgen.poisson_schedule(200, 0.5, seed=3))
-    assert result.sent + result.dropped == result.scheduled and result.dropped > result.sent > 0
-    assert result.completed == result.ok == result.sent and result.errors == {}
-    assert delta(counts(server), before) == {"200": result.sent}
-    assert result.send_lag_ns.shape == (result.sent,)
-    assert result.summary()["dropped"] == result.dropped and result.failed == result.dropped
+    scheduled = len(loadgen.poisson_schedule(40, 0.5, seed=3))
+    assert result.scheduled == result.sent == result.completed == result.ok == scheduled
+    assert result.errors == {} and result.failed == 0
+    assert 0 < result.waited_for_connection < scheduled
+    assert delta(counts(server), before) == {"200": scheduled}
+    assert result.send_lag_ns.shape == (scheduled,)
+    # every latency counts from the schedule: an arrival that waited for the connection carries its wait
+    lag = np.sort(result.send_lag_ns)
+    assert lag[-1] > 50_000_000 and np.sort(result.latency_ns)[-1] >= lag[-1]
+    assert result.summary()["waited_for_connection"] == result.waited_for_connection
+
+
+def test_open_loop_counts_arrivals_the_client_gives_up_on(
+    server: bench.ServerProcess, requests: tuple[bytes, ...]
+) -> None:
+    # one connection, ~100 ms per answer, 0.35 s to give up: the later arrivals wait too long for the connection
+    coro = loadgen.open_loop(
+        "127.0.0.1", server.port, requests, rate=60, duration_s=0.5, max_connections=1, seed=5, timeout_s=0.35
+    )
+    result = loadgen.run(coro)
+    scheduled = len(loadgen.poisson_schedule(60, 0.5, seed=5))
+    assert result.scheduled == scheduled and result.errors["timeout"] > 0
+    assert result.completed + result.failed == scheduled  # answered, or given up on: nothing unaccounted
+    arrivals = result.arrival_percentiles_ms()
+    assert arrivals["max"] >= 350.0  # the given-up ones sit at the timeout, inside the distribution
+    assert arrivals["p99"] >= result.arrival_percentiles_ms()["p50"] and np.isfinite(arrivals["p99"])
+    assert result.goodput_per_s(0.35) * result.duration_s == pytest.approx(
+        np.count_nonzero((result.status == 200) & (result.latency_ns <= 350_000_000))
+    )
 
 
 # --- HTTP parsing, against a scripted server ---
@@ -223,12 +245,14 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     cfg = bench.BenchConfig(
         model_dir=bundle_dir.parent,  # artifacts/NAME: its latest version
         workers=(1,),
-        duration_s=0.4,
+        reference=True,
+        rounds=2,
+        duration_s=0.3,
         warmup_s=0.0,
         concurrency=(2,),
         batch_size=4,
         rates=(40.0,),
-        variants=False,
+        deadlines_ms=(None, 100.0),
         raw_seconds=0.05,
         rows=64,
         work_dir=tmp_path / "work",
@@ -239,30 +263,42 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     report = bench.run_bench(cfg, say=lines.append)
     bench.write_report(report, cfg.out, cfg.plot_path)
 
-    assert [(r.config, r.kind, r.mode) for r in report.runs] == [
-        ("1 worker", "single", "closed"), ("1 worker", "batch", "closed"), ("1 worker", "single", "open"),
-    ]  # fmt: skip
+    project, reference = "lma serve (1 worker)", f"reference ({bench_runs.workers_label(report.runs[1].workers)})"
+    closed = [(r.server, r.kind, r.round) for r in report.runs if r.mode == "closed"]
+    assert closed == [
+        (project, "single", 0), (reference, "single", 0), (project, "batch", 0), (reference, "batch", 0),
+        (project, "single", 1), (reference, "single", 1), (project, "batch", 1), (reference, "batch", 1),
+    ]  # fmt: skip  # the servers take turns, cell by cell, round after round
+    opened = [r for r in report.runs if r.mode == "open"]
+    assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0)]
     assert all(r.load["errors"] == {} and r.load["completed"] > 0 for r in report.runs)
-    assert report.runs[1].samples_per_request == 4
-    assert [r["batch_size"] for r in report.raw] == list(bench.RAW_BATCH_SIZES)
+    assert all(r.load["goodput_per_s"] <= r.load["ok_per_s"] for r in opened)
+    assert [r.samples_per_request for r in report.runs[:4]] == [1, 1, 4, 4]
+    assert [(r["batch_size"], r["threads"]) for r in report.raw] == [
+        (b, t) for t in bench.RAW_THREADS for b in bench.RAW_BATCH_SIZES
+    ]
     assert report.model["name"] == "criteo" and report.machine["nproc"] >= 1
     text = out.read_text()
     headings = [line for line in text.splitlines() if line.startswith("#")]
     assert headings == [
         "# Benchmarks",
         "## Setup",
+        "## Targets",
         "## The graph alone (in process)",
+        "## Side by side: project / reference (median of the rounds)",
         "## Closed loop: single-sample requests (1 per request)",
         "## Closed loop: batched requests (4 per request)",
-        "## Open loop: Poisson arrivals at fixed rates (single-sample requests)",
-        "## Summary",
+        "## Open loop: Poisson arrivals at multiples of the capacity (single-sample requests)",
         "## Analysis",
     ]
+    judged = {name for name, *_ in bench.targets(report)}
+    assert "single-sample requests/s vs the reference, c=2" in judged
+    assert "server CPU per single-sample request (best cell)" in judged
     assert "lma bench --test" in text and "load average at start" in text
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(lines) == 5  # a line per step and per run
+    assert len(lines) == 1 + 1 + 8 + 2 * 2  # model, closed-loop start, 8 closed runs, 2 x (open start + run)
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---

@@ -152,9 +152,10 @@ def request_timeout_s(headers: Headers, max_timeout_s: float) -> float:
 
 
 def arrival_of(scope: Scope, engine: Engine) -> float:
-    """When the request arrived: as the HTTP protocol saw its first bytes, else now less the loop's lag."""
-    arrival: float | None = scope.get(ARRIVAL)
-    return arrival if arrival is not None else time.monotonic() - engine.loop_lag.lag_s
+    """When the request arrived: when the HTTP protocol read its first bytes (else now), less the event loop's
+    lag, the time ready sockets wait before they are read."""
+    read: float | None = scope.get(ARRIVAL)
+    return (time.monotonic() if read is None else read) - engine.loop_lag.lag_s
 
 
 def admit(engine: Engine, scope: Scope, name: str | None, version: str | None, max_timeout_s: float) -> Ticket:

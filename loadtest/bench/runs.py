@@ -1,0 +1,317 @@
+"""The runs of ``lma bench``: the servers it starts, the load it drives at them, what it records."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest import loadgen
+from loadtest.bench import reference
+from loadtest.bench.config import DEMO_NAME, RAW_BATCH_SIZES, RAW_THREADS, BenchConfig
+from loadtest.bench.machine import featurize, load_rows, machine_facts, model_facts, raw_throughput
+from loadtest.bench.process import ResourceSampler, ServerProcess, lma_serve_command
+from loadtest.bench.results import BenchReport, RunRecord
+from loadtest.payloads import Rows, build_pools, native_response_problem
+
+Say = Callable[[str], Any]
+
+
+def resolve_bundle(path: Path) -> Path:
+    """The bundle folder meant by ``path``: a bundle, a model folder of versions (latest), or a one-model repo."""
+    from export.bundle import MANIFEST_FILE, is_version, latest_bundles
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model-dir {path} is not a directory")
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    versions = [
+        int(v.name) for v in path.iterdir() if v.is_dir() and is_version(v.name) and (v / MANIFEST_FILE).is_file()
+    ]
+    if versions:
+        return path / str(max(versions))
+    found = latest_bundles(path)
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if not found:
+        raise ValueError(f"--model-dir {path}: no bundle found (expected NAME/VERSION/manifest.json or a bundle)")
+    raise ValueError(f"--model-dir {path} holds {len(found)} models {sorted(found)}: name one of them")
+
+
+def _lma(*args: str, log: Path) -> None:
+    """Run an ``lma`` subcommand (as ``python -m models.main``), failing with its output's tail."""
+    cmd = [sys.executable, "-m", "models.main", *args]
+    with log.open("ab") as f:
+        f.write(("$ " + shlex.join(cmd) + "\n").encode())
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"`lma {args[0]}` failed (exit {done.returncode}); end of {log}:\n{tail}")
+
+
+def build_demo_model(work_dir: Path, rows: int) -> tuple[Path, Path]:
+    """Synthesize ``rows`` Criteo-format rows, train a small 16x LMA model one epoch, export it.
+
+    Returns (bundle folder, data file). Reuses what an earlier run left in ``work_dir``.
+    """
+    data = work_dir / "demo.tsv"
+    run = work_dir / "run"
+    artifacts = work_dir / "artifacts" / DEMO_NAME
+    log = work_dir / "build.log"
+    if artifacts.is_dir() and data.is_file():
+        with contextlib.suppress(ValueError, FileNotFoundError):
+            return resolve_bundle(artifacts), data
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _lma("synth", "--rows", str(rows), "--out", str(data), "--seed", "0", log=log)
+    _lma(
+        "train", "--data", str(data), "--embedding", "lma", "--compression", "16", "--preset", "small",
+        "--epochs", "1", "--no-progress", "--cache-dir", str(work_dir / "cache"), "--out", str(run), log=log,
+    )  # fmt: skip
+    _lma("export", str(run), "--out", str(artifacts), log=log)
+    return resolve_bundle(artifacts), data
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # "single" or "batch"
+    requests: tuple[bytes, ...]
+    samples: int
+    check: Callable[[Any, int], str | None]  # what is wrong with a decoded 200 body
+
+
+@dataclass
+class Target:
+    """A server under test: its name in the report, how it is started, and the load it gets."""
+
+    name: str
+    workers: int
+    reference: bool
+    server: ServerProcess
+    works: dict[str, Workload]
+
+
+def workers_label(n: int) -> str:
+    return f"{n} worker" + ("s" if n != 1 else "")
+
+
+def project_name(workers: int) -> str:
+    return f"lma serve ({workers_label(workers)})"
+
+
+def _resolved_workers(requested: int) -> int:
+    from server.settings import available_cores
+
+    return requested or available_cores()
+
+
+def _workloads(port: int, path: str, single: Sequence[bytes], batch: Sequence[bytes], samples: int, check: Any) -> dict:
+    return {
+        "single": Workload("single", loadgen.http_requests("127.0.0.1", port, path, single), 1, check),
+        "batch": Workload("batch", loadgen.http_requests("127.0.0.1", port, path, batch), samples, check),
+    }
+
+
+def _project(cfg: BenchConfig, bundle: Path, rows: Rows, workers: int, log: Path, **env: str) -> Target:
+    n = _resolved_workers(workers)
+    server = ServerProcess(lambda port: lma_serve_command(bundle, port, n, cfg.runtime), cfg.env(**env), log)
+    pools = build_pools(rows, batch_size=cfg.batch_size, entities=1)
+    name = model_facts(bundle)["name"]
+    works = _workloads(
+        server.port, f"/v1/models/{name}:predict", pools.native_single.bodies, pools.native_batch.bodies,
+        cfg.batch_size, native_response_problem,
+    )  # fmt: skip
+    return Target(project_name(n), n, False, server, works)
+
+
+def _reference(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
+    n = _resolved_workers(0)
+    env = {"LMA_REFERENCE_MODEL": str(bundle / "model.onnx"), "LMA_REFERENCE_THREADS": "1"}
+    server = ServerProcess(lambda port: reference.command(port, n), env, log, ready_path=reference.READY_PATH)
+    dense, keys = featurize(bundle, rows, len(rows))
+    single = reference.reference_bodies(dense, keys, 1)
+    batch = reference.reference_bodies(dense, keys, cfg.batch_size) or [reference.reference_body(dense, keys)]
+    works = _workloads(server.port, reference.PREDICT_PATH, single, batch, cfg.batch_size, reference.response_problem)
+    return Target(f"reference ({workers_label(n)})", n, True, server, works)
+
+
+def _measure(target: Target, work: Workload, coro: Any, round_: int, deadline_ms: float | None = None) -> RunRecord:
+    sampler = ResourceSampler(target.server.pid)
+    sampler.start()
+    result: loadgen.LoadResult = loadgen.run(coro)
+    cpu_s, wall_s, rss = sampler.stop()
+    check_answers(result, work)
+    load = result.summary()
+    if deadline_ms is not None:
+        load["deadline_ms"] = deadline_ms
+        load["goodput_per_s"] = result.goodput_per_s(deadline_ms / 1000)
+    error = next((b for s, b in sorted(result.sample_bodies.items()) if s != 200), b"")
+    return RunRecord(
+        server=target.name,
+        workers=target.workers,
+        kind=work.kind,
+        samples_per_request=work.samples,
+        load=load,
+        server_cpu_percent=cpu_s / wall_s * 100 if wall_s > 0 else 0.0,
+        server_cpu_us_per_request=cpu_s / result.completed * 1e6 if result.completed else 0.0,
+        rss_start_mb=rss[0] / 2**20,
+        rss_max_mb=max(rss) / 2**20,
+        rss_end_mb=rss[-1] / 2**20,
+        round=round_,
+        deadline_ms=deadline_ms,
+        error_sample=error[:300].decode("utf-8", "replace"),
+    )
+
+
+def check_answers(result: loadgen.LoadResult, work: Workload) -> None:
+    """The server must answer 200s with one probability per sample (one sampled body is decoded)."""
+    import orjson
+
+    body = result.sample_bodies.get(200)
+    if body is None:
+        return
+    problem = work.check(orjson.loads(body), work.samples)
+    if problem:
+        raise RuntimeError(f"the server's answers are wrong: {problem}")
+
+
+def _warm_up(cfg: BenchConfig, target: Target) -> None:
+    if cfg.warmup_s <= 0:
+        return
+    for work in target.works.values():
+        loadgen.run(
+            loadgen.closed_loop("127.0.0.1", target.server.port, work.requests, concurrency=8, duration_s=cfg.warmup_s)
+        )
+
+
+def line(r: RunRecord) -> str:
+    load = r.load
+    where = f"c={load['concurrency']}" if r.mode == "closed" else f"rate={load['rate']:.0f}/s"
+    lat = load["latency_ms"]
+    deadline = f" deadline {r.deadline_ms:g} ms goodput {load['goodput_per_s']:.0f}/s" if r.deadline_ms else ""
+    return (
+        f"  r{r.round} {r.server:24s} {r.kind:6s} {r.mode:6s} {where:12s} {load['ok_per_s']:8.0f} ok/s"
+        f" {load['samples_per_s']:9.0f} samples/s  p50 {lat['p50']:7.2f}  p99 {lat['p99']:7.2f} ms{deadline}"
+        f"  status {load['status']} errors {load['errors']}"
+        f"  cpu {r.server_cpu_percent:.0f}% {r.server_cpu_us_per_request:.0f} us/req  rss {r.rss_max_mb:.0f} MB"
+    )
+
+
+def run_bench(cfg: BenchConfig, say: Say = print) -> BenchReport:
+    """Everything :class:`BenchConfig` asks for (see :mod:`loadtest.bench`)."""
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        work_dir = cfg.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lma-bench-")))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        demo_data = None
+        if cfg.model_dir is None:
+            say(f"building the demo model ({cfg.demo_rows} synthetic rows) in {work_dir}")
+            bundle, demo_data = build_demo_model(work_dir, cfg.demo_rows)
+        else:
+            bundle = resolve_bundle(cfg.model_dir)
+        rows = load_rows(cfg.data, cfg.data_format, cfg.rows, demo_data)
+        model = model_facts(bundle)
+        say(f"model {model['name']} v{model['version']} ({bundle}); timing the graph in process")
+        report = BenchReport(
+            command=cfg.command or "lma bench",
+            started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+            wall_s=0.0,
+            machine=machine_facts(),
+            model=model,
+            server_env=cfg.env(),
+            duration_s=cfg.duration_s,
+            max_connections=cfg.max_connections,
+            raw=raw_throughput(bundle, rows, RAW_BATCH_SIZES, RAW_THREADS, cfg.raw_seconds),
+        )
+        workers = list(dict.fromkeys(_resolved_workers(w) for w in cfg.workers))
+        _closed_loop(cfg, report, bundle, rows, workers, work_dir, say)
+        _open_loop(cfg, report, bundle, rows, workers, work_dir, say)
+    report.machine["load_average_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    report.wall_s = time.time() - started
+    return report
+
+
+def _closed_loop(
+    cfg: BenchConfig, report: BenchReport, bundle: Path, rows: Rows, workers: list[int], work_dir: Path, say: Say
+) -> None:
+    """Every server at once (idle ones cost nothing), each cell measured in turn on each: alternating rounds."""
+    with contextlib.ExitStack() as stack:
+        targets = [
+            stack.enter_context(_started(_project(cfg, bundle, rows, w, work_dir / f"server-{w}w.log")))
+            for w in workers
+        ]
+        if cfg.reference:
+            targets.append(stack.enter_context(_started(_reference(cfg, bundle, rows, work_dir / "reference.log"))))
+        for t in targets:
+            t.server.wait_ready()
+            _warm_up(cfg, t)
+        say("closed loop: " + ", ".join(t.name for t in targets))
+        for round_ in range(cfg.rounds):
+            for kind in ("single", "batch"):
+                for c in cfg.concurrency:
+                    for t in targets:
+                        work = t.works[kind]
+                        coro = loadgen.closed_loop(
+                            "127.0.0.1", t.server.port, work.requests, concurrency=c, duration_s=cfg.duration_s,
+                            samples_per_request=work.samples,
+                        )  # fmt: skip
+                        record = _measure(t, work, coro, round_)
+                        report.runs.append(record)
+                        say(line(record))
+
+
+def _open_loop(
+    cfg: BenchConfig, report: BenchReport, bundle: Path, rows: Rows, workers: list[int], work_dir: Path, say: Say
+) -> None:
+    """Poisson arrivals at fractions of each configuration's capacity, at each deadline, on a fresh server."""
+    if not cfg.rates and not cfg.rate_fractions:
+        return
+    for w in workers:
+        capacity = report.capacity(project_name(w))
+        rates = cfg.rates or tuple(round(f * capacity) for f in cfg.rate_fractions)
+        rates = tuple(r for r in rates if r > 0)
+        for deadline in cfg.deadlines_ms:
+            env = {} if deadline is None else {"LMA_REQUEST_TIMEOUT_MS": f"{deadline:g}"}
+            deadline_ms = deadline if deadline is not None else _default_deadline_ms(cfg)
+            log = work_dir / f"server-{w}w-open-{deadline_ms:g}ms.log"
+            with _started(_project(cfg, bundle, rows, w, log, **env)) as t:
+                t.server.wait_ready()
+                _warm_up(cfg, t)
+                say(f"open loop: {t.name}, deadline {deadline_ms:g} ms, capacity {capacity:.0f}/s")
+                for k, rate in enumerate(rates):
+                    work = t.works["single"]
+                    connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
+                    coro = loadgen.open_loop(
+                        "127.0.0.1", t.server.port, work.requests, rate=rate, duration_s=cfg.duration_s,
+                        max_connections=connections, samples_per_request=1, seed=k,
+                        timeout_s=max(1.0, 5 * deadline_ms / 1000),
+                    )  # fmt: skip
+                    record = _measure(t, work, coro, 0, deadline_ms)
+                    record.load["capacity_per_s"] = capacity
+                    report.runs.append(record)
+                    say(line(record))
+
+
+def _default_deadline_ms(cfg: BenchConfig) -> float:
+    value = dict(cfg.server_env).get("LMA_REQUEST_TIMEOUT_MS")
+    if value is not None:
+        return float(value)
+    from server.settings import Settings
+
+    return float(Settings.model_fields["request_timeout_ms"].default)
+
+
+@contextlib.contextmanager
+def _started(target: Target) -> Any:
+    try:
+        yield target
+    finally:
+        target.server.stop()

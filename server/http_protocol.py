@@ -1,0 +1,137 @@
+"""uvicorn's httptools HTTP/1.1 protocol, with what an admission-controlled scoring server needs from it.
+
+``lma serve`` runs uvicorn with ``http=LmaHttpProtocol`` (``uvicorn --factory server.app:app_from_env
+--http server.http_protocol:LmaHttpProtocol`` does the same). Without it the app works the same way, only
+dearer under load. Three changes, each measured (docs/BENCHMARKS.md):
+
+1. **The arrival time.** A request's deadline counts from when its first bytes were read
+   (``scope["lma.arrival"]``), less the event loop's current lag (how long ready sockets wait to be read),
+   not from when its ASGI task first runs.
+2. **Admission as the headers arrive.** A scoring request whose deadline cannot be met is answered with its
+   503 (+ Retry-After) straight from the parser callback, before uvicorn builds its request cycle and ASGI
+   task and before its body is read (its body bytes are skipped as they come). This is what keeps
+   refusals cheap enough at several times the capacity that the requests admitted still make their
+   deadlines (goodput). An admitted request carries its ticket to the app in ``scope["lma.ticket"]``, so
+   admission is decided once (:func:`server.protocols.routing.admit`).
+3. **One write per response.** uvicorn writes the status line and headers, then the body, with two
+   ``transport.write`` calls: two syscalls and two TCP segments on keep-alive connections for every
+   answer. The headers are held back and sent with the body (:class:`_Corked`).
+
+It depends on uvicorn's internals of the version range pyproject.toml admits; tests/server/test_http_protocol.py
+runs it through real uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.protocols.routing import ARRIVAL
+
+
+class _Corked:
+    """The transport of one response: the first write (status line and headers) waits for the second (body).
+
+    A ``100 Continue`` goes out at once (the client waits for it before sending the body); anything held is
+    flushed before the transport closes and when the response completes (a bodiless answer).
+    """
+
+    __slots__ = ("_held", "_started", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._held: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.transport.write(held + data)
+        elif not self._started and not data.startswith(b"HTTP/1.1 100 "):
+            self._started = True
+            self._held = data
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def _early_admission(app: Any) -> Any:
+    """The app's ``admit_early`` hook, looked through uvicorn's middleware wrappers (``.app``), or None."""
+    for _ in range(8):
+        hook = getattr(app, "admit_early", None)
+        if hook is not None:
+            return hook
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+class LmaHttpProtocol(HttpToolsProtocol):
+    """See the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admit_early = _early_admission(self.app)
+        self._refused = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._refused = False
+        self.scope[ARRIVAL] = time.monotonic()  # type: ignore[literal-required]
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        idle = previous is None or previous.response_complete  # answers go out in order: only when none pending
+        if idle and self._admit_early is not None and self._refuse_early():
+            return
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous and cycle is not None:
+            cycle.transport = _Corked(self.transport)  # type: ignore[assignment]
+
+    def _refuse_early(self) -> bool:
+        scope: Any = self.scope
+        scope["method"] = self.parser.get_method().decode("ascii")
+        path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        scope["path"] = self.root_path + path
+        keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
+        answer: bytes | None = self._admit_early(scope, self.server_state.default_headers, keep_alive)
+        if answer is None:
+            return False
+        self._refused = True
+        self.transport.write(answer)
+        # the answer is complete: keep-alive bookkeeping as after any response
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and isinstance(cycle.transport, _Corked):
+            cycle.transport.flush()
+        super().on_response_complete()
