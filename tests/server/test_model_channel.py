@@ -163,7 +163,7 @@ async def test_a_bad_bundle_is_refused_before_anything_is_announced(
 
     with pytest.raises(BundleError, match=r"model.onnx: sha256 .* does not match the manifest"):
         publish(redis_server.url, bad)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(BundleError, match="nowhere: not a directory"):
         publish(redis_server.url, tmp_path / "nowhere")
     assert redis_server.client().keys("*") == []
 
