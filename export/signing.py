@@ -135,14 +135,14 @@ def check_public_key_file(path: str | Path) -> ec.EllipticCurvePublicKey:
 
 def _load_private_key(path: Path, password: str | None) -> ec.EllipticCurvePrivateKey:
     data, st = _read_key_file(path, "a private signing key")
+    if b"PRIVATE KEY-----" not in data:
+        hint = " (this is a public key; signing needs the private one)" if b"PUBLIC KEY-----" in data else ""
+        raise KeyFileError(f"{path}: not a PEM private key{hint}")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"{path}: readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); a signing key"
             f" must be private to its owner: chmod 600 {path}"
         )
-    if b"PRIVATE KEY-----" not in data:
-        hint = " (this is a public key; signing needs the private one)" if b"PUBLIC KEY-----" in data else ""
-        raise KeyFileError(f"{path}: not a PEM private key{hint}")
     secret = password.encode() if password is not None else None
     try:
         key = serialization.load_pem_private_key(data, secret)
@@ -214,7 +214,9 @@ class BundleSigner:
         password = password if password is not None else os.environ.get(PASSWORD_ENV) or None
         key = _load_private_key(self.path, password)  # clear errors first; model-signing's are raw
         self.key_id = key_id(key.public_key())
-        self._signer = sign_ec_key.Signer(self.path, password)
+        # bytes, although model-signing 1.1.1 annotates str: it hands the password to cryptography, which needs bytes
+        # (its own CLI's --password fails with a TypeError for that reason).
+        self._signer = sign_ec_key.Signer(self.path, password.encode() if password is not None else None)  # type: ignore[arg-type]
         if key_id(self._signer._private_key.public_key()) != self.key_id:  # the file changed under us
             raise KeyFileError(f"{self.path}: changed while it was being read")
 
