@@ -219,6 +219,8 @@ class ModelRegistry:
                 name, new.version, new.runtime.name, new.runtime.device, new.embedding, new.bundle.memory
             )
             message = f"serving version {new.version}" + (f" (was {previous})" if previous else "")
+            if new.bundle.signed_by is not None:
+                message += f", signed by key {new.bundle.signed_by[:16]}"
             result = SwapResult(name, "ok", new.version, previous, str(path), message, time.perf_counter() - start)
             self._record(result, reason, logging.INFO)
             return result

@@ -113,7 +113,11 @@ def test_admin_reload_refuses_what_no_trusted_key_signed(
         assert r.status_code == 200 and r.json()["version"] == "2"
         r = client.post(RELOAD, headers=AUTH, json={"version": "1"})
         assert r.status_code == 200 and version_served(client) == "1"
-        assert client.post(RELOAD, headers=AUTH, json={"path": str(good)}).status_code == 200
+        r = client.post(RELOAD, headers=AUTH, json={"path": str(good)})
+        assert (
+            r.status_code == 200
+            and r.json()["message"] == f"serving version 2 (was 1), signed by key {trusted_id[:16]}"
+        )
         assert version_served(client) == "2" and reloads(client, "ok") == 3
 
 
