@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ from models.dlrm import CTRModel
 from models.embeddings import FullEmbedding, SharedMemoryEmbedding
 from models.hashtable import StaticHashTable
 from models.schema import KEY_MASK, FeatureSchema, transform_dense
+
+if TYPE_CHECKING:
+    from export.signing import BundleSigner
 
 log = logging.getLogger(__name__)
 
@@ -484,6 +487,7 @@ def export_run(
     tolerance: float = DEFAULT_TOLERANCE,
     onnx_exporter: str = DEFAULT_ONNX_EXPORTER,
     triton_max_batch_size: int = max(PARITY_BATCH_SIZES),
+    signer: BundleSigner | None = None,
 ) -> Bundle:
     """Export the run folder ``run_dir`` as ``out_dir/VERSION`` (``out_dir`` = ``artifacts/NAME``).
 
@@ -495,6 +499,7 @@ def export_run(
         tolerance: largest accepted max |diff| of ``probability`` between any two runtimes.
         onnx_exporter: ``legacy`` or ``dynamo`` (see :func:`export_onnx`).
         triton_max_batch_size: ``max_batch_size`` of the Triton config.
+        signer: signs the bundle before it is renamed into place (so no unsigned version ever appears).
 
     Returns:
         The bundle, loaded back through :func:`export.bundle.load_bundle`.
@@ -533,6 +538,8 @@ def export_run(
             time.perf_counter() - t0,
         )  # fmt: skip
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if signer is not None:
+            signer.sign(tmp)
         if final.exists():
             raise BundleError(f"{final}: appeared during the export; not overwriting it")
         os.rename(tmp, final)  # atomic on one file system: the version appears complete or not at all

@@ -147,7 +147,7 @@ class Metrics:
             "lma_feature_store_misses_total", "Entities of a fetch with nothing stored", ["model"], registry=r
         )
         self.reloads = Counter(
-            "lma_model_reloads_total", "Model swaps by result (ok, failed)", ["model", "result"], registry=r
+            "lma_model_reloads_total", "Model swaps by result (ok, failed, rejected)", ["model", "result"], registry=r
         )
         self._device_memory: DeviceMemorySource | None = None
         self._exposition = self._exposition_registry()

@@ -1,8 +1,10 @@
 """Model-update channel on Redis: ``lma publish`` records a new bundle version, every replica hot-swaps.
 
-Publishing (:func:`publish`) verifies the bundle first (:func:`export.bundle.load_bundle`: format
-version, sizes, sha256), so a bad bundle is refused before anyone hears of it. Then, in one
-MULTI/EXEC, it records the version and announces it:
+Publishing (:func:`publish`) verifies the bundle first (:func:`export.bundle.load_bundle`: its
+signature when trusted keys are given, format version, sizes, sha256), so a bad bundle is refused
+before anyone hears of it. Replicas verify again on their own (with their ``LMA_TRUSTED_KEYS``):
+the announcement is a hint where to look, never a reason to trust. Then, in one MULTI/EXEC, it
+records the version and announces it:
 
 - ``lma:models`` (set): every published model name;
 - ``lma:models:<name>`` (hash): the current version, ``{name, version, path, published_at}``;
@@ -58,6 +60,7 @@ HISTORY_LENGTH = 100
 OnUpdate = Callable[[str, str], Awaitable[object]]  # (model name, bundle path) -> awaited
 
 if TYPE_CHECKING:
+    from export.signing import TrustedKeys
     from server.registry import ModelRegistry
 
 
@@ -116,34 +119,28 @@ class ModelUpdate:
 # Publisher
 
 
-def resolve_bundle(artifact_dir: str | Path) -> Path:
-    """The bundle folder of ``artifact_dir``: a bundle itself, or ``artifacts/<name>`` (its latest version)."""
-    from export.bundle import MANIFEST_FILE, BundleError, is_version
-
-    path = Path(artifact_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (a bundle, or a model folder of version folders)")
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    versions = [v for v in path.iterdir() if v.is_dir() and is_version(v.name) and (v / MANIFEST_FILE).is_file()]
-    if not versions:
-        raise BundleError(f"{path}: holds neither {MANIFEST_FILE} nor <version>/{MANIFEST_FILE}; not a bundle")
-    return max(versions, key=lambda v: int(v.name))
-
-
-def publish(redis_url: str, artifact_dir: str | Path, *, now: float | None = None) -> tuple[ModelUpdate, int]:
+def publish(
+    redis_url: str, artifact_dir: str | Path, *, trust: TrustedKeys | None = None, now: float | None = None
+) -> tuple[ModelUpdate, int]:
     """Verify the bundle at ``artifact_dir``, record it as its model's current version and announce it.
+
+    Args:
+        redis_url: the Redis of the model-update channel.
+        artifact_dir: a bundle folder, or a model's folder of versions (its latest is published).
+        trust: the keys one of which must have signed the bundle; None: checksums only.
+        now: the ``published_at`` to record (default: the time now).
 
     Returns:
         The record, and how many subscribers received the announcement (replicas listening now).
 
     Raises:
+        SignatureError: ``trust`` is given and the bundle is not what one of its keys signed.
         BundleError: the bundle is refused (nothing is recorded or announced).
         ValueError: Redis cannot be reached.
     """
-    from export.bundle import load_bundle
+    from export.bundle import load_bundle, resolve_bundle
 
-    bundle = load_bundle(resolve_bundle(artifact_dir))
+    bundle = load_bundle(resolve_bundle(artifact_dir), trust)
     update = ModelUpdate(bundle.name, bundle.version, str(bundle.path.resolve()), time.time() if now is None else now)
     client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=10)
     try:

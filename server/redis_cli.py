@@ -5,7 +5,7 @@ Registration builds parsers only; the handlers import redis and the loaders when
     lma features load data/train.txt --redis redis://127.0.0.1:6379/0 --entity-column C1 --ttl 86400
     lma features load users.csv --format csv --entity-column user_id --redis $LMA_REDIS_URL
     lma features bench --redis redis://127.0.0.1:6379/0 --batch-sizes 1,32,256 --iterations 5000
-    lma publish artifacts/criteo/3 --redis redis://127.0.0.1:6379/0
+    lma publish artifacts/criteo/3 --redis redis://127.0.0.1:6379/0 --key keys/lma-signing.pub
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import sys
 
 REDIS_ENV = "LMA_REDIS_URL"
+TRUSTED_KEYS_ENV = "LMA_TRUSTED_KEYS"  # the server's setting: `lma publish` checks what the replicas will check
 FORMATS = ("criteo", "criteo-csv", "avazu", "csv")  # server.redis_store.LOAD_FORMATS, without importing it
 
 
@@ -75,6 +76,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     publish = sub.add_parser("publish", help="announce a verified bundle on the Redis model-update channel")
     publish.add_argument("artifact_dir", help="a bundle folder (artifacts/NAME/VERSION) or artifacts/NAME (latest)")
     _add_redis(publish)
+    publish.add_argument(
+        "--key", action="append", default=None, metavar="PUB.pem",
+        help=f"trusted public key (repeatable): refuse to publish a bundle none of them signed"
+        f" (default: ${TRUSTED_KEYS_ENV}, comma-separated; neither: checksums only)",
+    )  # fmt: skip
     publish.set_defaults(func=_publish)
 
 
@@ -110,11 +116,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from export.signing import TrustedKeys
     from server.model_channel import CHANNEL, publish
 
-    update, receivers = publish(args.redis, args.artifact_dir)
+    keys = args.key or [k.strip() for k in os.environ.get(TRUSTED_KEYS_ENV, "").split(",") if k.strip()]
+    trust = TrustedKeys.from_files(keys) if keys else None
+    if trust is None:
+        print(  # noqa: T201
+            f"lma publish: signature not checked (no --key, ${TRUSTED_KEYS_ENV} unset); checksums only",
+            file=sys.stderr,
+        )
+    update, receivers = publish(args.redis, args.artifact_dir, trust=trust)
+    signed = ", signature verified" if trust else ""
     _echo(
-        f"published {update.name} version {update.version} ({update.path}) on {CHANNEL}: "
+        f"published {update.name} version {update.version} ({update.path}{signed}) on {CHANNEL}: "
         f"{receivers} subscriber{'s' if receivers != 1 else ''} listening"
     )
     return 0

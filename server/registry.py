@@ -10,6 +10,13 @@ event loop. Requests that already hold the old version finish on it: each reques
 it started with (:meth:`ModelVersion.acquire`), and the old version's batcher and runtime are
 closed only once no request holds it. A bundle that fails any step leaves the old version serving;
 the failure is logged, counted in ``lma_model_reloads_total{result="failed"}`` and returned.
+
+Signatures: with ``LMA_TRUSTED_KEYS`` every load, whatever its source, verifies the bundle's
+signature before anything of it is parsed (:func:`export.bundle.load_bundle` with the trusted keys);
+a bundle that is unsigned, signed by another key or changed after signing is *rejected*:
+``lma_model_reloads_total{result="rejected"}``, an error log line naming the bundle and the reason
+(``fields.rejected``), and the admin response says why. Without trusted keys the server says once,
+at start, that signatures are not checked.
 """
 
 from __future__ import annotations
@@ -21,7 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.bundle import MANIFEST_FILE, Bundle, BundleError, is_version, latest_bundles, load_bundle, read_manifest
+from export.bundle import (
+    Bundle,
+    BundleError,
+    SignatureError,
+    is_version,
+    latest_bundles,
+    load_bundle,
+    read_manifest,
+    resolve_bundle,
+)
+from export.signing import TrustedKeys
 from server.batcher import Batcher
 from server.errors import InvalidInput, ModelNotFound
 from server.featurize import Featurizer
@@ -74,13 +91,15 @@ class ModelVersion:
             "dense_names": list(schema.dense_names),
             "categorical_names": list(schema.categorical_names),
             "memory": self.bundle.memory,
+            "signed_by": self.bundle.signed_by,
             "queued": self.batcher.queued,
         }
 
 
 @dataclass(frozen=True)
 class SwapResult:
-    """What a swap did. ``result`` is ``ok`` or ``failed``; ``version`` is the version serving afterwards."""
+    """What a swap did. ``result`` is ``ok``, ``failed`` or ``rejected`` (signature refused: ``rejected_because``
+    says why, one of :data:`export.bundle.SIGNATURE_REASONS`); ``version`` is the version serving afterwards."""
 
     model: str
     result: str
@@ -89,6 +108,7 @@ class SwapResult:
     path: str
     message: str
     seconds: float
+    rejected_because: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -124,6 +144,8 @@ class ModelRegistry:
         self._retiring: set[asyncio.Task[None]] = set()
         self._failed: dict[Path, tuple[object, ...]] = {}  # watcher: bundles that failed -> their folder stamp
         self._closed = False
+        # Loaded once: rotating keys is a restart with the new list (old and new trusted side by side meanwhile).
+        self.trust = TrustedKeys.from_files(settings.trusted_keys) if settings.trusted_keys else None
 
     # --- lookup ---
 
@@ -153,6 +175,10 @@ class ModelRegistry:
 
     async def load_repository(self) -> None:
         """Load the latest version of every model of LMA_MODEL_DIR; any failure stops the start-up."""
+        if self.trust is None:
+            log.warning("LMA_TRUSTED_KEYS is not set: bundle signatures are not checked (sha256 checksums only)")
+        else:
+            log.info("bundle signatures required: trusted keys %s", self.trust.describe())
         found = await asyncio.to_thread(latest_bundles, self.settings.model_dir)
         if not found:
             log.warning("no bundle in %s yet; not ready until one appears", self.settings.model_dir)
@@ -173,7 +199,11 @@ class ModelRegistry:
                     raise RuntimeError("the server is shutting down")
                 new = await asyncio.to_thread(self._load, name, Path(path))
             except Exception as e:  # a bad bundle must never take the serving version down
-                result = SwapResult(name, "failed", previous, previous, str(path), str(e), time.perf_counter() - start)
+                refused = e.reason if isinstance(e, SignatureError) else None
+                result = SwapResult(
+                    name, "rejected" if refused else "failed", previous, previous, str(path),
+                    f"bundle rejected ({refused}): {e}" if refused else str(e), time.perf_counter() - start, refused,
+                )  # fmt: skip
                 self._record(result, reason, logging.ERROR)
                 return result
             new.batcher.start()
@@ -189,13 +219,15 @@ class ModelRegistry:
                 name, new.version, new.runtime.name, new.runtime.device, new.embedding, new.bundle.memory
             )
             message = f"serving version {new.version}" + (f" (was {previous})" if previous else "")
+            if new.bundle.signed_by is not None:
+                message += f", signed by key {new.bundle.signed_by[:16]}"
             result = SwapResult(name, "ok", new.version, previous, str(path), message, time.perf_counter() - start)
             self._record(result, reason, logging.INFO)
             return result
 
     def _load(self, name: str, path: Path) -> ModelVersion:
         """Runs in a worker thread: verify, load, warm up. Raises on anything wrong."""
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, self.trust)  # the signature first, when keys are trusted; nothing parsed before
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         s = self.settings
@@ -231,9 +263,10 @@ class ModelRegistry:
         if reason != "startup":
             self.metrics.reloads.labels(result.model, result.result).inc()
         fields = {**result.to_dict(), "reason": reason}
-        log.log(
-            level, "model %s: %s", "loaded" if result.ok else "load failed", fields["message"], extra={"fields": fields}
-        )
+        if result.rejected_because is not None:
+            fields["rejected"] = result.rejected_because
+        what = {"ok": "loaded", "failed": "load failed", "rejected": "bundle rejected"}[result.result]
+        log.log(level, "model %s: %s", what, fields["message"], extra={"fields": fields})
 
     # --- update sources ---
 
@@ -244,16 +277,12 @@ class ModelRegistry:
             raise InvalidInput("body: give either 'path' or 'version', not both")
         if path is not None:
             return Path(path)
-        repo = self.settings.model_dir
-        if version is not None:
-            if not is_version(version):
-                raise InvalidInput(f"body.version: expected a positive integer as text, got {version!r}")
-            single = (repo / MANIFEST_FILE).is_file()  # LMA_MODEL_DIR is one bundle: versions are its siblings
-            return repo.parent / version if single else repo / name / version
-        latest = latest_bundles(repo).get(name)
-        if latest is None:
-            raise InvalidInput(f"no bundle of model {name!r} in {repo}")
-        return latest
+        if version is not None and not is_version(version):
+            raise InvalidInput(f"body.version: expected a positive integer as text, got {version!r}")
+        try:  # LMA_MODEL_DIR is a bundle (versions: its siblings), a model's folder of versions, or a repository
+            return resolve_bundle(self.settings.model_dir, name=name, version=version)
+        except BundleError as e:
+            raise InvalidInput(str(e)) from None
 
     async def reload(self, name: str, path: str | None = None, version: str | None = None) -> SwapResult:
         return await self.swap(name, self.resolve(name, path, version), reason="admin")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import io
 import logging
 import math
 import time
@@ -129,7 +130,8 @@ class OnnxRuntime(Runtime):
         cuda = device == "cuda"
         providers: list[Any] = [("CUDAExecutionProvider", {"device_id": 0})] if cuda else []
         providers.append("CPUExecutionProvider")
-        self._session = ort.InferenceSession(str(bundle.file(self.name)), opts, providers=providers)
+        # The verified bytes, not the file by name: a file swapped after verification is refused, never parsed.
+        self._session = ort.InferenceSession(bundle.read_verified(self.name), opts, providers=providers)
         if cuda and self._session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeUnavailable(f"{bundle.path}: ONNX Runtime could not start its CUDA provider")
         _check_names(
@@ -192,7 +194,8 @@ class TorchScriptRuntime(Runtime):
             torch.set_num_threads(threads)  # process-wide: torch has one intra-op pool
         self._torch = torch
         self._device = torch.device("cuda:0" if device == "cuda" else "cpu")
-        self._module = torch.jit.load(str(bundle.file(self.name)), map_location=self._device).eval()
+        # The verified bytes, not the file by name: a TorchScript file is code, and must be exactly the checked one.
+        self._module = torch.jit.load(io.BytesIO(bundle.read_verified(self.name)), map_location=self._device).eval()
         graph_inputs = [i.debugName().split(".")[0] for i in list(self._module.graph.inputs())[1:]]
         _check_names(bundle, graph_inputs, list(OUTPUTS))
 

@@ -12,10 +12,10 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LMA_"
 
@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     feature_store_prefix: str = Field(
         "lma:features:", min_length=1, description="key prefix of the entity hashes in Redis"
     )
+    # model signatures
+    trusted_keys: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (), description="comma-separated PEM public keys; set: load only bundles one of them signed (empty: no check)"
+    )
     # operations
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes (unset: disabled)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -81,6 +85,22 @@ class Settings(BaseSettings):
         v = v.strip()
         if v and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix:// (got {v!r}); leave it empty for no Redis")
+        return v
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _split_key_list(cls, v: object) -> object:
+        if isinstance(v, str):  # LMA_TRUSTED_KEYS=/keys/2025.pub,/keys/2026.pub
+            return tuple(part.strip() for part in v.split(",") if part.strip())
+        return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_are_usable(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
+        from export.signing import check_public_key_file
+
+        for path in v:
+            check_public_key_file(path)  # KeyFileError (a ValueError) naming the file and what is wrong
         return v
 
     @field_validator("admin_token", mode="before")

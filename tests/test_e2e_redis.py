@@ -9,6 +9,10 @@
 3. Two servers subscribed to one Redis, under load; `lma publish` of version 2: both serve it within
    seconds, not one request fails, each client sees version 1 then 2 and never 1 again; a server
    started afterwards serves 2 from its first answer although its model folder holds only 1.
+4. A server with LMA_TRUSTED_KEYS, under load; a version whose signature was forged is published
+   (by a publisher that checks no signature): it is rejected (metric, log line naming the bundle and
+   the reason), not one request fails, version 1 keeps serving; a properly signed version published
+   next is served.
 
 Tests 1 and 2 share one server and one Redis (each loads entities of its own). Each process
 (servers, redis-server, the CLI) is a child of the test, ended in a finally block. No assertion is
@@ -18,7 +22,11 @@ times are printed (``-s``) and recorded in docs/REDIS.md.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -427,3 +435,88 @@ def test_publish_swaps_every_replica_under_load_without_a_failed_request(
 def loaded_versions(server: Server) -> list[tuple[str, str]]:
     """(version, reason) of each model load in the server's log, in order."""
     return [(e["version"], e["reason"]) for e in server.logs() if e["msg"].startswith("model loaded")]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. A forged signature published to a server that trusts one key, under load
+
+
+def forge_signed(src: Path, dst: Path) -> Path:
+    """What an attacker who can write the shared volume makes of a signed bundle: model.onnx changed, the
+    manifest's sha256 and the signed payload's digests rewritten to match, the old signature bytes kept."""
+    shutil.copytree(src, dst)
+    onnx = bytearray((dst / "model.onnx").read_bytes())
+    onnx[len(onnx) // 2] ^= 0x01
+    (dst / "model.onnx").write_bytes(bytes(onnx))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["files"]["model.onnx"]["sha256"] = hashlib.sha256(onnx).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dst.iterdir() if p.name != "model.sig"}
+    sig = json.loads((dst / "model.sig").read_text())
+    statement = json.loads(base64.b64decode(sig["dsseEnvelope"]["payload"]))
+    for resource in statement["predicate"]["resources"]:
+        resource["digest"] = digests[resource["name"]]
+    sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    (dst / "model.sig").write_text(json.dumps(sig))
+    return dst
+
+
+def test_a_forged_signature_published_under_load_is_rejected_without_a_failed_request(
+    bundles: Bundles, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from export.signing import BundleSigner, generate_key_pair
+
+    public = generate_key_pair(tmp_path / "signing.pem")
+    signer = BundleSigner(tmp_path / "signing.pem")
+    image = make_repo(tmp_path / "image", bundles.criteo_v1)
+    signer.sign(image / "criteo" / "1")
+    artifacts = tmp_path / "artifacts" / "criteo"
+    good = make_repo(tmp_path / "signed", bundles.criteo_v2) / "criteo" / "2"
+    signer.sign(good)
+    forged = forge_signed(good, artifacts / "2")
+    server = Server(image, tmp_path / "server.log", LMA_REDIS_URL=redis_server.url, LMA_TRUSTED_KEYS=str(public))
+    try:
+        server.wait_ready()
+        r = redis_server.client()
+        deadline = time.monotonic() + WAIT_S
+        while r.pubsub_numsub(CHANNEL) != [(CHANNEL, 1)]:
+            assert time.monotonic() < deadline, r.pubsub_numsub(CHANNEL)
+            time.sleep(0.05)
+        one = lambda i: [instance(i)]  # noqa: E731
+        with Traffic([("load", server.url, one)] * 2) as load:
+            load.wait("version 1 served", lambda: len(load.of("load")) >= MIN_PER_STATE)
+            lma("publish", str(forged), "--redis", redis_server.url)  # a publisher that checks no signature
+            load.wait(
+                "the forged version rejected",
+                lambda: server.metric("lma_model_reloads_total", model="criteo", result="rejected") == 1,
+            )
+            rejected_at = time.monotonic()
+            load.wait("serving after the rejection", lambda: len(load.of("load", rejected_at)) >= MIN_PER_STATE)
+            shutil.copytree(good, artifacts / "3")  # the same graph, properly signed, as version 3
+            (artifacts / "3" / "model.sig").unlink()
+            manifest = json.loads((artifacts / "3" / "manifest.json").read_text())
+            (artifacts / "3" / "manifest.json").write_text(json.dumps({**manifest, "version": "3"}, indent=2))
+            signer.sign(artifacts / "3")
+            lma("publish", str(artifacts), "--redis", redis_server.url, "--key", str(public))
+            load.wait("version 3 served", lambda: any(o.body.get("version") == "3" for o in load.of("load")))
+
+        outcomes = load.of("load")
+        assert Counter(o.status for o in outcomes) == {200: len(outcomes)}, [o for o in outcomes if o.status != 200][:3]
+        for thread in range(2):  # each client: 1 ... 1 3 ... 3; never the forged 2
+            versions = [o.body["version"] for o in load.outcomes if o.thread == thread]
+            assert versions == sorted(versions) and versions[0] == "1" and versions[-1] == "3", Counter(versions)
+            assert "2" not in versions
+        assert server.metric("lma_model_reloads_total", model="criteo", result="rejected") == 1
+        assert server.metric("lma_model_reloads_total", model="criteo", result="ok") == 1
+        assert server.stop() == 0
+        (rejection,) = [e for e in server.logs() if e["msg"].startswith("model bundle rejected")]
+        assert (rejection["rejected"], rejection["path"], rejection["reason"]) == (
+            "bad_signature", str(forged.resolve()), "publish"
+        )  # fmt: skip
+        assert rejection["msg"].startswith(
+            f"model bundle rejected: bundle rejected (bad_signature): {forged.resolve()}"
+        )
+        assert loaded_versions(server) == [("1", "startup"), ("3", "publish")]
+        print(f"\nforged signature under load: {len(outcomes)} x 200, rejected once, version 3 served after")
+    finally:
+        server.stop()

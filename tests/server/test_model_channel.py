@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from export.bundle import Bundle, BundleError
+from export.bundle import Bundle, BundleError, SignatureError
 from export.exporter import export_run
 from models.checkpoint import RunConfig, build_model, save_run
 from models.dlrm import DLRMConfig
@@ -163,7 +163,7 @@ async def test_a_bad_bundle_is_refused_before_anything_is_announced(
 
     with pytest.raises(BundleError, match=r"model.onnx: sha256 .* does not match the manifest"):
         publish(redis_server.url, bad)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(BundleError, match="nowhere: not a directory"):
         publish(redis_server.url, tmp_path / "nowhere")
     assert redis_server.client().keys("*") == []
 
@@ -302,3 +302,42 @@ def test_cli_publish(redis_server: RedisServer, tiny_bundles: dict[str, Bundle],
     out = capsys.readouterr().out
     assert out == f"published tiny version 2 ({path_of(tiny_bundles['2'])}) on {CHANNEL}: 0 subscribers listening\n"
     assert read_current(redis_server.url)["tiny"].version == "2"
+
+
+def test_publish_with_trusted_keys_announces_only_a_signed_bundle(
+    redis_server: RedisServer,
+    tiny_bundles: dict[str, Bundle],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from export.signing import BundleSigner, TrustedKeys, generate_key_pair
+    from server.redis_cli import register
+
+    trusted, other = generate_key_pair(tmp_path / "trusted.pem"), generate_key_pair(tmp_path / "other.pem")
+    bundle = tmp_path / "tiny" / "2"
+    shutil.copytree(tiny_bundles["2"].path, bundle)
+    trust = TrustedKeys.from_files([trusted])
+    with pytest.raises(SignatureError, match=r"2: unsigned \(no model\.sig\)") as e:
+        publish(redis_server.url, bundle, trust=trust)
+    assert e.value.reason == "unsigned"
+    BundleSigner(tmp_path / "other.pem").sign(bundle)
+    with pytest.raises(SignatureError, match=r"model\.sig: signed by key \w{16}, which is not a trusted key"):
+        publish(redis_server.url, bundle, trust=trust)
+    assert redis_server.client().keys("*") == []  # refused: nothing recorded, nothing announced
+
+    monkeypatch.delenv("LMA_TRUSTED_KEYS", raising=False)
+    parser = argparse.ArgumentParser(prog="lma")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["publish", str(bundle), "--redis", redis_server.url, "--key", str(other)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        out
+        == f"published tiny version 2 ({bundle.resolve()}, signature verified) on {CHANNEL}: 0 subscribers listening\n"
+    )
+    args = parser.parse_args(["publish", str(bundle), "--redis", redis_server.url])  # no key: says so
+    assert args.func(args) == 0
+    assert capsys.readouterr().err == (
+        "lma publish: signature not checked (no --key, $LMA_TRUSTED_KEYS unset); checksums only\n"
+    )
