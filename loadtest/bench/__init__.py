@@ -34,11 +34,11 @@ from loadtest.bench.config import (
 from loadtest.bench.process import ResourceSampler, ServerProcess, free_port, lma_serve_command
 from loadtest.bench.report import KEEP_END, KEEP_START, dump_json, render_markdown, targets, write_report
 from loadtest.bench.results import BenchReport, RunRecord
-from loadtest.bench.runs import build_demo_model, resolve_bundle, run_bench
+from loadtest.bench.runs import build_demo_model, run_bench
 
 __all__ = [
     "BASE_SERVER_ENV", "DEMO_NAME", "KEEP_END", "KEEP_START", "RAW_BATCH_SIZES", "RAW_THREADS", "BenchConfig",
     "BenchReport", "ResourceSampler", "RunRecord", "ServerProcess", "build_demo_model", "dump_json", "free_port",
-    "lma_serve_command", "parse_deadlines", "parse_list", "render_markdown", "resolve_bundle", "run_bench",
+    "lma_serve_command", "parse_deadlines", "parse_list", "render_markdown", "run_bench",
     "targets", "write_report",
 ]  # fmt: skip

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.bundle import resolve_bundle
 from loadtest import loadgen
 from loadtest.bench import reference
 from loadtest.bench.config import DEMO_NAME, RAW_BATCH_SIZES, RAW_THREADS, BenchConfig
@@ -23,27 +24,6 @@ from loadtest.bench.results import BenchReport, RunRecord
 from loadtest.payloads import Rows, build_pools, native_response_problem
 
 Say = Callable[[str], Any]
-
-
-def resolve_bundle(path: Path) -> Path:
-    """The bundle folder meant by ``path``: a bundle, a model folder of versions (latest), or a one-model repo."""
-    from export.bundle import MANIFEST_FILE, is_version, latest_bundles
-
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model-dir {path} is not a directory")
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    versions = [
-        int(v.name) for v in path.iterdir() if v.is_dir() and is_version(v.name) and (v / MANIFEST_FILE).is_file()
-    ]
-    if versions:
-        return path / str(max(versions))
-    found = latest_bundles(path)
-    if len(found) == 1:
-        return next(iter(found.values()))
-    if not found:
-        raise ValueError(f"--model-dir {path}: no bundle found (expected NAME/VERSION/manifest.json or a bundle)")
-    raise ValueError(f"--model-dir {path} holds {len(found)} models {sorted(found)}: name one of them")
 
 
 def _lma(*args: str, log: Path) -> None:
