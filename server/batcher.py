@@ -132,16 +132,25 @@ class Batcher:
         self._task.add_done_callback(self._on_loop_done)
 
     def admit(
-        self, now: float, deadline: float, loop_lag_s: float = 0.0, waited_s: float = 0.0, counted: bool = True
+        self,
+        now: float,
+        deadline: float,
+        loop_lag_s: float = 0.0,
+        ahead_s: float = 0.0,
+        waited_s: float = 0.0,
+        counted: bool = True,
     ) -> None:
         """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request must be refused now.
 
         The engine asks once per request, before its body is read, so that an overloaded server spends next
         to nothing on the requests it turns away. A request is refused when ``max_queue`` requests are
-        queued, or when ``now`` plus :meth:`predicted_wait` and the event loop's lag (the wait of requests
-        still unread in socket buffers, and of this one's answer) passes its ``deadline``: it would end in a
-        504 anyway, after taking the place of requests that can still be answered in time. ``waited_s``
-        (arrival to admission) goes to ``lma_admission_wait_seconds``.
+        queued, or when ``now`` plus its predicted wait passes its ``deadline``: it would end in a 504 (or a
+        late 200) anyway, after taking the place of requests that can still be answered in time. The wait
+        is the longer of the model's queue (:meth:`predicted_wait`) and ``ahead_s``, what the requests
+        already admitted to this process will take (:class:`server.admission.Occupancy`: parsing and
+        answering cost too), plus the event loop's lag (the wait of requests still unread in socket
+        buffers, and of this one's answer). ``waited_s`` (arrival to admission) goes to
+        ``lma_admission_wait_seconds``.
         """
         m = self._m
         if counted:
@@ -152,7 +161,7 @@ class Batcher:
         if counted and len(self._queue) + self.incoming >= self.max_queue:
             m.rejected["queue_full"].inc()
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
-        wait = self.predicted_wait(now) + loop_lag_s
+        wait = max(self.predicted_wait(now), ahead_s) + loop_lag_s
         if now + wait > deadline:
             m.rejected["predicted_wait"].inc()
             left = max(0.0, deadline - now) * 1000

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.admission import LoopLag, Occupancy
 from server.errors import FeatureStoreUnavailable, ModelNotFound, NotReady, ServingError
 from server.features import FeatureStore
 from server.featurize import Instances
@@ -34,37 +35,6 @@ from server.settings import Settings
 from server.types import Rows, Scores, Tensor
 
 log = logging.getLogger("lma.server.engine")
-
-
-class LoopLag:
-    """How late the event loop runs a timer: how long a new request already waits before any handler sees it.
-
-    A task sleeps ``interval_s`` at a time and records by how much each wake-up came late. When the loop
-    is saturated (more ready callbacks per turn than it gets through), that lateness is the wait of the
-    requests sitting unread in socket buffers, which no queue of ours can see.
-    """
-
-    def __init__(self, interval_s: float = 0.01) -> None:
-        self.interval_s = interval_s
-        self.lag_s = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Start measuring (idempotent; needs a running loop)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="lma-loop-lag")
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(self.interval_s)
-            self.lag_s = max(0.0, loop.time() - before - self.interval_s)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +66,7 @@ class Engine:
         self._max_instances = settings.max_instances_per_request
         self._closing = False
         self.loop_lag = LoopLag()
+        self.occupancy = Occupancy()
 
     # --- state ---
 
@@ -145,8 +116,10 @@ class Engine:
         now = time.monotonic()
         self.loop_lag.start()
         deadline = arrival + min(timeout_s, self.max_timeout_s)
-        mv.batcher.admit(now, deadline, self.loop_lag.lag_s, waited_s=now - arrival)
+        ahead = self.occupancy.wait_s()
+        mv.batcher.admit(now, deadline, self.loop_lag.lag_s, ahead_s=ahead, waited_s=now - arrival)
         mv.acquire()
+        self.occupancy.enter(now)
         return Ticket(mv, arrival, deadline)
 
     def tighten(self, ticket: Ticket, timeout_s: float) -> None:
@@ -155,13 +128,16 @@ class Engine:
         deadline = ticket.arrival + timeout_s
         if deadline < ticket.deadline:
             ticket.deadline = deadline
-            ticket.mv.batcher.admit(time.monotonic(), deadline, self.loop_lag.lag_s, counted=False)
+            ticket.mv.batcher.admit(
+                time.monotonic(), deadline, self.loop_lag.lag_s, ahead_s=self.occupancy.wait_s(), counted=False
+            )
 
     def release(self, ticket: Ticket) -> None:
         if ticket.incoming:
             ticket.incoming = False
             ticket.mv.batcher.leave()
         ticket.mv.release()
+        self.occupancy.leave(time.monotonic())
 
     # --- scoring ---
 
