@@ -21,7 +21,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--triton", type=Path, default=None, metavar="REPO_DIR", help="also write REPO_DIR/NAME for Triton")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest accepted max |diff| of probabilities")
     p.add_argument("--onnx-exporter", choices=("legacy", "dynamo"), default="legacy", help="torch.onnx exporter")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, extra="train")
 
 
 def _export(args: argparse.Namespace) -> int:

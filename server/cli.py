@@ -45,6 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.settings import load_settings
 
     settings = load_settings()  # bad settings: one clear line, exit 2, before any worker starts
+    from server.runtimes import runtime_class
+
+    runtime_class(settings.runtime)  # a runtime whose extra is not installed: one line, exit 2
     metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.TemporaryDirectory(prefix="lma-metrics-")
