@@ -16,7 +16,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--out", type=Path, required=True, help="output file (.gz compresses)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=0.001, help="factor on Criteo Kaggle's per-field cardinalities")
-    p.set_defaults(func=_synth, extra="train")
+    p.set_defaults(func=_synth)  # NumPy only: works in the base install
 
     p = sub.add_parser("train", help="train a DLRM on a data file and write a run folder")
     add_train_arguments(p)

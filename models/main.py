@@ -7,7 +7,8 @@ heavy imports happen inside the handlers. This keeps the dependency direction of
 `models` names no other package, yet `lma export`, `lma serve` and `lma bench` are one command.
 
 A subcommand that needs an optional part of the install names it (``set_defaults(extra="train")``);
-when a module of that extra is missing, the command says in one line what to install (models/extras.py).
+when a module of that extra is missing, the command says in one line what to install (models/extras.py),
+before it starts any work.
 
 Exit status: 0 done; 2 the input, the settings or the install is wrong (one line naming what, the
 same as argparse's usage errors); 1 anything unexpected (one line that points to ``-v``, which
@@ -20,7 +21,7 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from models.extras import MissingExtra, missing_module
+from models.extras import EXTRA_MODULES, MissingExtra, check, missing_module
 
 DISTRIBUTION = "lma-ctr"
 
@@ -50,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     prefix = f"lma {args.command}"
+    extra: str | None = getattr(args, "extra", None)
     try:
+        for needed in EXTRA_MODULES[extra] if extra else ():  # before any work: a long run never dies at its plot
+            check(needed, str(extra), "this command")
         return int(args.func(args) or 0)
     except MissingExtra as e:
         return _fail(args, f"{prefix}: error: {e}", 2)
     except ModuleNotFoundError as e:
-        extra = getattr(args, "extra", None)
         module = missing_module(e, extra) if extra else None
         if extra is None or module is None:
             return _unexpected(args, prefix, e)
