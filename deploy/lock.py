@@ -18,7 +18,7 @@ bytes everywhere:
 
 Why uv and not pip-tools (measured on the 2-core machine, serving set, same pins resolved): ``uv pip compile
 --generate-hashes`` took 0.8 s with a cold cache and 0.6 s warm, ``pip-compile --generate-hashes`` 82 s and 71 s
-(README "Extras, lock and image"); and only uv resolves for every platform at once (``--universal``; pip-tools
+(the commands: README "Extras, lock and image"); and only uv resolves for every platform at once (``--universal``; pip-tools
 locks the interpreter's platform only) and can replace one package by another (``--override``, needed for
 serve-cpu.txt). uv comes with the [dev] extra, pinned by dev.txt itself.
 """
