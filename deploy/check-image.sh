@@ -3,6 +3,7 @@
 #
 #   make image-check                        # = nice -n 10 bash deploy/check-image.sh (as root)
 #   BUNDLES=artifacts bash deploy/check-image.sh     # serve these bundles (default: a 4000-row demo model)
+#   NO_CACHE=1 make image-check             # rebuild every layer
 #
 # Written for machines without a Docker engine whose only reachable hosts are package registries:
 #   1. podman + runc + debootstrap (apt-get installs them when missing). crun fails here (setrlimit is not
@@ -76,7 +77,8 @@ fi
 # ---- 3. build -------------------------------------------------------------------------------------------------
 say "building $IMAGE (podman build --format docker --build-arg VARIANT=cpu; log: $WORK/build.log)"
 t0=$SECONDS
-podman build --format docker --build-arg VARIANT=cpu -t "$IMAGE" . > "$WORK/build.log" 2>&1 \
+# NO_CACHE=1: rebuild every layer (the pip download cache of the Dockerfile's cache mount is kept)
+podman build --format docker --build-arg VARIANT=cpu ${NO_CACHE:+--no-cache} -t "$IMAGE" . > "$WORK/build.log" 2>&1 \
   || { tail -30 "$WORK/build.log" >&2; die "podman build failed: see $WORK/build.log"; }
 size_mb=$(($(podman image inspect "$IMAGE" --format '{{.Size}}') / 1000000))
 base_mb=$(($(podman image inspect "$LOCAL_BASE" --format '{{.Size}}') / 1000000))
