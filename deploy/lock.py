@@ -16,11 +16,11 @@ bytes everywhere:
   from constraints.txt (the pinned CPU build, from a local file or the PyTorch CPU index, neither of which the
   lock can name for every machine), then this lock, then the project with ``--no-deps``.
 
-Why uv and not pip-tools (measured on the 2-core machine, serving set, same pins resolved): ``uv pip compile
---generate-hashes`` took 0.8 s with a cold cache and 0.6 s warm, ``pip-compile --generate-hashes`` 82 s and 71 s
-(the commands: README "Extras, lock and image"); and only uv resolves for every platform at once (``--universal``; pip-tools
-locks the interpreter's platform only) and can replace one package by another (``--override``, needed for
-serve-cpu.txt). uv comes with the [dev] extra, pinned by dev.txt itself.
+Why uv and not pip-tools (measured on the 2-core machine, serving set, same versions resolved; the commands are
+in README "Extras, lock and image"): ``uv pip compile --generate-hashes`` took 0.8 s with a cold cache and 0.6 s
+warm, ``pip-compile --generate-hashes`` 82 s and 71 s; and only uv resolves for every platform at once
+(``--universal``; pip-tools locks the interpreter's platform only) and can replace one package by another
+(``--override``, needed for serve-cpu.txt). uv comes with the [dev] extra, pinned by dev.txt itself.
 """
 
 from __future__ import annotations
