@@ -56,6 +56,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.model_dir is None:
         check("torch", "train", "lma bench without --model-dir (it trains a demo model first)")
+    if args.runtime == "torchscript":
+        check("torch", "torchscript", "lma bench --runtime torchscript")
     env = []
     for item in args.server_env:
         key, sep, value = item.partition("=")

@@ -95,6 +95,14 @@ def test_bench_without_a_model_and_without_torch_names_the_train_extra() -> None
     )
 
 
+def test_bench_of_the_torchscript_runtime_without_torch_names_its_extra(tmp_path: Path) -> None:
+    done = run_lma(["bench", "--model-dir", str(tmp_path), "--runtime", "torchscript"], blocked=("torch",))
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "lma bench: error: lma bench --runtime torchscript needs the [torchscript] extra (module 'torch'"
+    )
+
+
 def test_a_missing_module_of_no_extra_is_unexpected_not_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: Any) -> int:
         import lma_no_such_module  # type: ignore[import-not-found]  # noqa: F401
