@@ -2,17 +2,19 @@
 #
 # Serving image of LMA-CTR: `lma serve` on port 8000 over the bundles mounted at /models.
 #
-#   docker build -t lma-ctr:cpu .                                # CPU (default): PyTorch CPU build
-#   docker build -t lma-ctr:gpu --build-arg VARIANT=gpu .        # CUDA: PyTorch CUDA build + onnxruntime-gpu
-#   docker run --rm -p 8000:8000 -v "$PWD/artifacts:/models:ro" lma-ctr:cpu
-#   docker run --rm --gpus all -p 8000:8000 -e LMA_DEVICE=cuda -v "$PWD/artifacts:/models:ro" lma-ctr:gpu
+#   docker build -t lma-ctr:cpu --build-arg VARIANT=cpu .        # CPU (default): the serving set, no torch
+#   docker build -t lma-ctr:gpu --build-arg VARIANT=gpu .        # CUDA: onnxruntime-gpu + CUDA PyTorch (TorchScript)
+#   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/artifacts:/models:ro" lma-ctr:cpu
+#   docker run --rm --gpus all -p 127.0.0.1:8000:8000 -e LMA_DEVICE=cuda -v "$PWD/artifacts:/models:ro" lma-ctr:gpu
 #
 # Arguments after the image name are appended to the command (e.g. `--workers 2`); settings are LMA_*
-# environment variables (DESIGN section 7).
+# environment variables (DESIGN section 7). podman: pass `--format docker` (the OCI format drops HEALTHCHECK)
+# and `--build-arg VARIANT=...` explicitly (podman 4.3 mis-resolves the ARG-chosen stage without it);
+# deploy/check-image.sh builds and runs the CPU image that way.
 #
-# Stages: base-cpu | base-gpu (chosen by VARIANT) -> deps: third-party packages only, so this layer is rebuilt
-# only when pyproject.toml or constraints.txt change -> build: the project itself -> runtime: the virtual
-# environment on the bare base, run by an unprivileged user.
+# Stages: base-cpu | base-gpu (chosen by VARIANT) -> deps: third-party packages only, installed from the lock with
+# their hashes (deploy/locks/, `make lock`), so this layer is rebuilt only when a lock changes -> build: the project
+# itself -> runtime: the virtual environment on the bare base, run by an unprivileged user.
 
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -21,10 +23,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 FROM ${PYTHON_IMAGE} AS base-cpu
-# Nothing to add: the torch and onnxruntime wheels carry their native libraries.
+# Nothing to add: the onnxruntime wheel carries its native libraries.
 
 FROM ${CUDA_IMAGE} AS base-gpu
-# Ubuntu 24.04's Python is 3.12 (the project needs >= 3.11); CUDA and cuDNN come with the image.
+# Ubuntu 24.04's Python is 3.12 (the project needs >= 3.11; the locks hold wheels for 3.11 and later); CUDA and
+# cuDNN come with the image.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
@@ -36,40 +39,45 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# ---- third-party dependencies (cached until pyproject.toml or constraints.txt change) -----------------
+# ---- third-party dependencies (cached until a lock changes) ------------------------------------------
 FROM base AS deps
 ARG VARIANT
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
 ARG TORCH_INDEX_GPU=https://download.pytorch.org/whl/cu130
 WORKDIR /src
 RUN python3 -m venv "$VIRTUAL_ENV"
-COPY pyproject.toml constraints.txt ./
-# torch first, from the PyTorch index of the variant (PyPI's default torch is a multi-GB CUDA build); then the
-# project's dependencies read from pyproject.toml, pinned by constraints.txt (which pins torch to the same
-# version, so the build just installed satisfies them).
+COPY constraints.txt ./
+COPY deploy/locks/serve.txt deploy/locks/serve-cpu.txt deploy/locks/
+# cpu: the serving set with plain onnxruntime (serve-cpu.txt), every file checked against its sha256; no torch.
+# gpu: the serving set as `pip install lma-ctr` resolves it on Linux x86-64 (onnxruntime-gpu, serve.txt), then the
+# CUDA build of PyTorch for the TorchScript runtime from the PyTorch index, at the version constraints.txt pins (that
+# index is not reachable where the locks are made, so its files carry no hash in them).
 RUN --mount=type=cache,target=/root/.cache/pip \
     set -eu; \
     case "$VARIANT" in \
-      cpu) index="$TORCH_INDEX_CPU" ;; \
-      gpu) index="$TORCH_INDEX_GPU" ;; \
+      cpu) pip install --require-hashes -r deploy/locks/serve-cpu.txt ;; \
+      gpu) pip install --require-hashes -r deploy/locks/serve.txt \
+        && pip install --index-url "$TORCH_INDEX_GPU" -c constraints.txt torch ;; \
       *) echo "VARIANT must be cpu or gpu, got '$VARIANT'" >&2; exit 2 ;; \
-    esac; \
-    pip install --index-url "$index" "torch==${TORCH_VERSION}"; \
-    python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-      > /tmp/requirements.txt; \
-    pip install -c constraints.txt -r /tmp/requirements.txt
+    esac
 
 # ---- the project ------------------------------------------------------------------------------------
 FROM deps AS build
-COPY README.md ./
+ARG VARIANT
+COPY pyproject.toml README.md ./
 COPY models/ models/
 COPY export/ export/
 COPY server/ server/
 COPY loadtest/ loadtest/
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps . \
- && pip check
+# --no-deps: every dependency is in place from the lock. `pip check` then proves the lock satisfies pyproject.toml,
+# except, in the CPU image, the onnxruntime-gpu that pyproject.toml names for Linux x86-64 (plain onnxruntime is
+# there in its place by design). The CPU image must not contain torch.
+RUN pip install --no-deps . \
+ && { pip check > /tmp/pip-check.txt 2>&1 || true; } \
+ && if [ "$VARIANT" = cpu ]; then sed -i '/requires onnxruntime-gpu, which is not installed/d' /tmp/pip-check.txt; fi \
+ && sed -i '/^No broken requirements found/d' /tmp/pip-check.txt \
+ && if [ -s /tmp/pip-check.txt ]; then cat /tmp/pip-check.txt >&2; exit 1; fi \
+ && if [ "$VARIANT" = cpu ]; then python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"; fi \
+ && lma --version
 
 # ---- runtime ----------------------------------------------------------------------------------------
 FROM base AS runtime

@@ -31,7 +31,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--sign-key", type=Path, default=None, metavar="KEY.pem",
         help="sign the bundle with this EC private key (mode 0600) before it appears (see `lma keygen`)",
     )  # fmt: skip
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, extra="train")
 
     s = sub.add_parser(
         "sign",

@@ -54,8 +54,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchConfig, dump_json, parse_deadlines, parse_list, run_bench, write_report
+    import importlib.util
 
+    from loadtest.bench import BenchConfig, dump_json, parse_deadlines, parse_list, run_bench, write_report
+    from models.extras import check
+
+    if args.model_dir is None:
+        check("torch", "train", "lma bench without --model-dir (it trains a demo model first)")
+    if args.runtime == "torchscript":
+        check("torch", "torchscript", "lma bench --runtime torchscript")
     env = []
     for item in args.server_env:
         key, sep, value = item.partition("=")
@@ -86,9 +93,12 @@ def _bench(args: argparse.Namespace) -> int:
         demo_rows=args.demo_rows,
         command="lma " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "lma bench",
     )
+    plot_path = cfg.plot_path if importlib.util.find_spec("matplotlib") is not None else None
+    if plot_path is None:
+        print("matplotlib is not installed (the [train] extra): the report is written without its plot", flush=True)
     report = run_bench(cfg, say=lambda line: print(line, flush=True))
-    write_report(report, cfg.out, cfg.plot_path)
+    write_report(report, cfg.out, plot_path)
     if args.json:
         dump_json(report, args.json)
-    print(f"wrote {cfg.out} and {cfg.plot_path} in {report.wall_s:.0f} s")
+    print(f"wrote {cfg.out}{f' and {plot_path}' if plot_path else ''} in {report.wall_s:.0f} s")
     return 0

@@ -16,12 +16,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--out", type=Path, required=True, help="output file (.gz compresses)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=0.001, help="factor on Criteo Kaggle's per-field cardinalities")
-    p.set_defaults(func=_synth)
+    p.set_defaults(func=_synth)  # NumPy only: works in the base install
 
     p = sub.add_parser("train", help="train a DLRM on a data file and write a run folder")
     add_train_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, extra="train")
 
     p = sub.add_parser("study", help="full / hash / lma over a list of compressions, everything else equal")
     add_train_arguments(p)
@@ -29,7 +29,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--kinds", type=str, default="full,hash,lma", help="comma-separated list")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated training seeds (spreads)")
     p.add_argument("--out", type=Path, required=True, help="study folder (runs, table, plot)")
-    p.set_defaults(func=_study)
+    p.set_defaults(func=_study, extra="train")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()  # bad settings: one clear line, exit 2, before any worker starts
     workers = worker_count(settings)
     os.environ["LMA_WORKERS"] = str(workers)  # each worker sizes its runtime threads by it
+    from server.runtimes import runtime_class
+
+    runtime_class(settings.runtime)  # a runtime whose extra is not installed: one line, exit 2
     from server.logs import configure_logging
     from server.workers import ServeOptions, serve, uvicorn_kwargs
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -333,8 +334,6 @@ def load_features(
         report: filled in as rows are written (``feature_rows`` adds its skip counts to it).
         progress: tqdm progress bar; None: only on a terminal.
     """
-    from tqdm import tqdm
-
     check_prefix(prefix)
     if ttl_s is not None and ttl_s < 1:
         raise ValueError(f"--ttl must be >= 1 second, got {ttl_s}")
@@ -344,7 +343,7 @@ def load_features(
     t0 = time.perf_counter()
     client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)
     try:
-        with tqdm(desc="load features", unit=" rows", disable=None if progress is None else not progress) as bar:
+        with _progress_bar(progress) as bar:
             for batch in _batches(rows, batch_size):
                 # MULTI/EXEC: the server's readers never see an entity between its DEL and its HSET.
                 pipe = client.pipeline(transaction=True)
@@ -364,6 +363,20 @@ def load_features(
         client.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(progress: bool | None) -> contextlib.AbstractContextManager[Any]:
+    """tqdm's bar (None: only on a terminal); a silent one where tqdm (the [train] extra) is not installed."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return contextlib.nullcontext(_NoBar())
+    return tqdm(desc="load features", unit=" rows", disable=None if progress is None else not progress)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from export.bundle import Bundle
+from models.extras import MissingExtra, check
 from server.types import Batch, Scores
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Runtime(ABC):
     """
 
     name: ClassVar[str]
+    # (module, extra) of a runtime that is not part of the base install (pyproject.toml's extras).
+    requires: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, bundle: Bundle, device: str, threads: int = 0) -> None:
         self.bundle = bundle
@@ -179,6 +182,7 @@ class TorchScriptRuntime(Runtime):
     """TorchScript (``torch.jit.load``, no pickle) on CPU or CUDA, under ``torch.inference_mode``."""
 
     name = "torchscript"
+    requires = ("torch", "torchscript")
 
     @classmethod
     def cuda_available(cls) -> bool:
@@ -262,10 +266,18 @@ def resolve_device(runtime: str, device: str) -> str:
 
 
 def runtime_class(runtime: str) -> type[Runtime]:
+    """The class of ``runtime``; :class:`RuntimeUnavailable` if unknown or its extra is not installed."""
     try:
-        return RUNTIMES[runtime]
+        cls = RUNTIMES[runtime]
     except KeyError:
         raise RuntimeUnavailable(f"unknown runtime {runtime!r}; choose from {sorted(RUNTIMES)}") from None
+    if cls.requires is not None:
+        module, extra = cls.requires
+        try:
+            check(module, extra, f"the {runtime} runtime")
+        except MissingExtra as e:
+            raise RuntimeUnavailable(str(e)) from e
+    return cls
 
 
 def create_runtime(bundle: Bundle, runtime: str, device: str, threads: int = 0) -> Runtime:

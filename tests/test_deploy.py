@@ -170,7 +170,9 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
 
 def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile: list[Instruction]) -> None:
     sources = copy_sources(dockerfile)
-    assert {s.rstrip("/") for s in sources} >= {"pyproject.toml", "constraints.txt", *PACKAGES}
+    assert {s.rstrip("/") for s in sources} >= {
+        "pyproject.toml", "constraints.txt", "deploy/locks/serve.txt", "deploy/locks/serve-cpu.txt", *PACKAGES
+    }  # fmt: skip
     patterns = dockerignore_patterns()
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
@@ -181,14 +183,16 @@ def test_dependency_layer_is_built_before_the_source_is_copied(dockerfile: list[
     def first(predicate: Any) -> int:
         return next(i for i, ins in enumerate(dockerfile) if predicate(ins))
 
-    copy_project_files = first(lambda ins: ins.keyword == "COPY" and "pyproject.toml" in ins.words())
-    install_deps = first(lambda ins: ins.keyword == "RUN" and "-c constraints.txt" in ins.args)
+    copy_locks = first(lambda ins: ins.keyword == "COPY" and "deploy/locks/serve-cpu.txt" in ins.words())
+    install_deps = first(lambda ins: ins.keyword == "RUN" and "--require-hashes" in ins.args)
+    copy_project = first(lambda ins: ins.keyword == "COPY" and "pyproject.toml" in ins.words())
     copy_source = first(lambda ins: ins.keyword == "COPY" and any(w.rstrip("/") in PACKAGES for w in ins.words()))
-    assert copy_project_files < install_deps < copy_source
-    assert "constraints.txt" in dockerfile[copy_project_files].words()
+    install_project = first(lambda ins: ins.keyword == "RUN" and "pip install --no-deps ." in ins.args)
+    # pyproject.toml comes after the dependency layer: a version bump does not reinstall the dependencies
+    assert copy_locks < install_deps < copy_project < copy_source < install_project
 
 
-def test_variants_cpu_by_default_gpu_by_build_arg(dockerfile: list[Instruction]) -> None:
+def test_variants_install_the_serving_set_from_the_lock(dockerfile: list[Instruction]) -> None:
     args = {}
     for ins in dockerfile:
         if ins.keyword == "ARG" and "=" in ins.args:
@@ -201,17 +205,20 @@ def test_variants_cpu_by_default_gpu_by_build_arg(dockerfile: list[Instruction])
     assert stages["base-gpu"] == "${CUDA_IMAGE}" and args["CUDA_IMAGE"].startswith("nvidia/cuda:")
     assert "runtime" in args["CUDA_IMAGE"]
 
-    # torch: the version constraints.txt pins, from the PyTorch CPU index or the CUDA index of the base image.
-    pins = dict(
-        line.split("==")
-        for line in (ROOT / "constraints.txt").read_text().splitlines()
-        if "==" in line and line[0] != "#"
+    (install,) = [ins.args for ins in dockerfile if ins.keyword == "RUN" and "--require-hashes" in ins.args]
+    cases = {k: " ".join(v.split()) for k, v in re.findall(r"(\w+)\) (.*?) ;;", install)}
+    # cpu: only the serving set with plain onnxruntime, every file hash-checked, no torch
+    assert cases["cpu"] == "pip install --require-hashes -r deploy/locks/serve-cpu.txt"
+    # gpu: the serving set as pip resolves it on Linux x86-64, then CUDA torch at the pin of constraints.txt
+    assert cases["gpu"] == (
+        "pip install --require-hashes -r deploy/locks/serve.txt"
+        ' && pip install --index-url "$TORCH_INDEX_GPU" -c constraints.txt torch'
     )
-    assert args["TORCH_VERSION"] == pins["torch"]
-    assert args["TORCH_INDEX_CPU"] == "https://download.pytorch.org/whl/cpu"
     cuda = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.", args["CUDA_IMAGE"])
     assert cuda, args["CUDA_IMAGE"]
     assert args["TORCH_INDEX_GPU"] == f"https://download.pytorch.org/whl/cu{cuda[1]}{cuda[2]}"
+    (check,) = [ins.args for ins in dockerfile if ins.keyword == "RUN" and "pip check" in ins.args]
+    assert "find_spec('torch') is not None" in check  # the CPU build fails if torch slipped in
 
 
 def test_gpu_base_matches_the_cuda_of_onnxruntime_gpu(dockerfile: list[Instruction]) -> None:
@@ -435,6 +442,7 @@ def test_k8s_kinds(k8s: dict[str, dict[str, Any]]) -> None:
     assert set(k8s) == {
         "ConfigMap/lma-config", "PersistentVolumeClaim/lma-models", "Deployment/lma-server", "Service/lma-server",
         "HorizontalPodAutoscaler/lma-server", "Deployment/lma-redis", "Service/lma-redis",
+        "PodDisruptionBudget/lma-server",
     }  # fmt: skip
     api = {k: o["apiVersion"] for k, o in k8s.items()}
     assert api["Deployment/lma-server"] == "apps/v1"
@@ -501,6 +509,51 @@ def test_k8s_service_and_hpa_point_at_the_deployment(k8s: dict[str, dict[str, An
     assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
     redis = k8s["Deployment/lma-redis"]["spec"]["template"]["metadata"]["labels"]
     assert k8s["Service/lma-redis"]["spec"]["selector"].items() <= redis.items()
+
+
+def test_k8s_termination_grace_outlasts_prestop_and_drain(
+    k8s: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet kills a pod when terminationGracePeriodSeconds ends: preStop, then the whole SIGTERM drain
+    (uvicorn's graceful timeout, LMA_DRAIN_TIMEOUT_S + 1 s in server/cli.py) must fit inside it."""
+    pod = k8s["Deployment/lma-server"]["spec"]["template"]["spec"]
+    settings = check_settings(k8s["ConfigMap/lma-config"]["data"], tmp_path, monkeypatch)
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}  # the kubelet's native sleep, no process in the container
+    drain_s = int(settings.drain_timeout_s) + 1
+    assert pod["terminationGracePeriodSeconds"] > pre_stop["sleep"]["seconds"] + drain_s
+    assert (pod["terminationGracePeriodSeconds"], pre_stop["sleep"]["seconds"], drain_s) == (45, 5, 31)
+
+
+def test_compose_stop_grace_outlasts_the_drain(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = compose["services"]["server"]
+    env = {k: v for k, v in server["environment"].items() if not v.startswith("${")}
+    settings = check_settings(env, tmp_path, monkeypatch)
+    grace = re.fullmatch(r"(\d+)s", server["stop_grace_period"])
+    assert grace and int(grace[1]) > int(settings.drain_timeout_s) + 1
+
+
+def test_k8s_disruption_budget_keeps_a_replica(k8s: dict[str, dict[str, Any]]) -> None:
+    labels = k8s["Deployment/lma-server"]["spec"]["template"]["metadata"]["labels"]
+    pdb = k8s["PodDisruptionBudget/lma-server"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    min_replicas = k8s["HorizontalPodAutoscaler/lma-server"]["spec"]["minReplicas"]
+    assert 1 <= pdb["spec"]["maxUnavailable"] < min_replicas
+
+
+def test_k8s_pod_monitor_scrapes_what_the_annotations_name(k8s: dict[str, dict[str, Any]]) -> None:
+    (monitor,) = load_yaml_all(K8S / "monitoring" / "podmonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    pod = k8s["Deployment/lma-server"]["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    annotations = pod["metadata"]["annotations"]
+    assert str(ports[endpoint["port"]]) == annotations["prometheus.io/port"] == str(PORT)
+    assert endpoint["path"] == annotations["prometheus.io/path"] == "/metrics"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
