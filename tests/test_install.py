@@ -141,8 +141,9 @@ def test_base_dependencies_are_the_serving_set() -> None:
     assert base == {
         "numpy", "onnxruntime-gpu", "onnxruntime", "fastapi", "uvicorn", "pydantic", "pydantic-settings", "orjson",
         "prometheus-client", "redis", "psutil", "httpx",
-    } | ({"pyarrow"} & base) | ({"model-signing"} & base)  # fmt: skip
-    # (pyarrow and model-signing: base dependencies that other branches add)
+        "model-signing", "pyopenssl",  # the server verifies bundle signatures (pyOpenSSL: model-signing's undeclared)
+    } | ({"pyarrow"} & base)  # fmt: skip
+    # (pyarrow: the reader of `lma features load` and the load tests' payloads, added by the ingest work)
     train = PYPROJECT["project"]["optional-dependencies"]["train"]
     assert not base & {canonicalize_name(Requirement(r).name) for r in train}
 
