@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Message, Receive, Scope, Send
 
-from server import schemas
+from server import logs, schemas
 from server.engine import Engine
 from server.errors import HttpError, ServingError
 from server.features import open_feature_store
@@ -102,6 +102,7 @@ class LmaApp(FastAPI):
             return
         start = time.perf_counter()
         request_id = client_request_id(scope["headers"]) or new_request_id()
+        logs.request_id.set(request_id)  # this request's own task (context): every log line of it carries the id
         ctx = RequestContext(request_id)
         id_header = (b"x-request-id", request_id.encode("ascii"))
         matched = self.routes_table.match(scope)

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from server.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from server.metrics import ModelMetrics
+from server.metrics import ModelMetrics, observe_all
 from server.runtimes import Runtime
 from server.types import Rows, Scores, to_batch
 
@@ -362,6 +362,7 @@ class Batcher:
         m.inference_samples.inc(size)
         m.inference_batches.inc()
         m.fallback_tokens.inc(int(scores.fallback_tokens.sum()))
+        observe_all(m.probability, scores.probability)
         return scores
 
     # --- failure paths ---

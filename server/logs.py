@@ -7,12 +7,27 @@ applications keep theirs). Fields passed with ``extra={"fields": {...}}`` become
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
 from typing import Any
 
 import orjson
+
+# The id of the request being served, in the task (context) that serves it: every log line written while
+# serving it carries it, whichever module writes it. Set by the request wrapper (server.app.LmaApp).
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("lma_request_id", default=None)
+_factory = logging.getLogRecordFactory()
+
+
+def _record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _factory(*args, **kwargs)
+    record.request_id = request_id.get()
+    return record
+
+
+logging.setLogRecordFactory(_record_with_request_id)
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,6 +38,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = getattr(record, "request_id", None)
+        if rid is not None:
+            entry["request_id"] = rid
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)

@@ -17,11 +17,24 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    make_asgi_app,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+# Predicted click probabilities: fine where CTRs live (0.1%-10%), coarse above. The mean (sum / count) is the
+# model's mean predicted CTR, what CTR teams watch for drift and miscalibration against the observed CTR.
+PROBABILITY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+)  # fmt: skip
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -63,6 +76,7 @@ class ModelMetrics:
         self.inference_samples = m.inference_samples.labels(model)
         self.inference_batches = m.inference_batches.labels(model)
         self.fallback_tokens = m.fallback_tokens.labels(model)
+        self.probability = m.probability.labels(model)
         self.queue_depth = m.queue_depth.labels(model)
         self.admission_wait = m.admission_wait.labels(model)
         self.rejected = {reason: m.rejected.labels(model, reason) for reason in REJECT_REASONS}
@@ -116,7 +130,11 @@ class Metrics:
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.model_memory = Gauge(
-            "lma_model_memory_bytes", "Model bytes by part (manifest accounting)", ["model", "part"],
+            "lma_model_memory_bytes", "Model bytes by part (manifest accounting): sum() over parts is the total",
+            ["model", "part"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_memory_total = Gauge(
+            "lma_model_memory_total_bytes", "Model bytes in all (manifest accounting)", ["model"],
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.full_embedding = Gauge(
@@ -127,6 +145,16 @@ class Metrics:
             "lma_model_compression_ratio", "Embedding compression: full embedding bytes / this embedding's bytes",
             ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.probability = Histogram(
+            "lma_prediction_probability", "Predicted click probabilities, one observation per scored sample",
+            ["model"], buckets=PROBABILITY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.answered_late = Counter(
+            "lma_answered_late_total",
+            "200 answers sent after their request's deadline (goodput = 200 answers - these)",
+            ["model", "route"],
+            registry=r,
+        )
         self.fallback_tokens = Counter(
             "lma_fallback_tokens_total",
             "Tokens scored without a stored signature or vocabulary row",
@@ -168,9 +196,14 @@ class Metrics:
     def set_device_memory_source(self, source: DeviceMemorySource) -> None:
         self._device_memory = source
 
-    def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        return generate_latest(self._exposition), CONTENT_TYPE_LATEST
+    def asgi_app(self) -> Any:
+        """``/metrics`` as prometheus_client serves it: text or OpenMetrics by the scraper's Accept header,
+        gzip when it accepts it, ``name[]`` filters."""
+        return make_asgi_app(self._exposition)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (tests, tools)."""
+        return bytes(generate_latest(self._exposition))
 
     def for_model(self, model: str, runtime: str, device: str) -> ModelMetrics:
         return ModelMetrics(self, model, runtime, device)
@@ -183,6 +216,7 @@ class Metrics:
         self.model_info.labels(model, version, runtime, device, embedding).set(1)
         for part, value in memory_parts(memory).items():
             self.model_memory.labels(model, part).set(value)
+        self.model_memory_total.labels(model).set(memory["total_bytes"])
         self.full_embedding.labels(model).set(memory["full_embedding_bytes"])
         self.compression.labels(model).set(memory["embedding_compression"])
 
@@ -194,8 +228,26 @@ class Metrics:
 
 
 def memory_parts(memory: dict[str, Any]) -> dict[str, int]:
-    """``lma_model_memory_bytes`` parts from a manifest's memory accounting: each embedding part, dense, total."""
+    """``lma_model_memory_bytes`` parts from a manifest's memory accounting: each embedding part and dense.
+
+    They add up to the total (``lma_model_memory_total_bytes``), so ``sum()`` over them never double-counts.
+    """
     parts = {str(k): int(v) for k, v in memory["embedding_parts"].items()}
     parts["dense"] = int(memory["dense_bytes"])
-    parts["total"] = int(memory["total_bytes"])
     return parts
+
+
+def observe_all(histogram: Any, values: np.ndarray) -> None:
+    """Observe every value of ``values`` in a histogram child, in one pass (what ``observe`` does, per bucket).
+
+    prometheus_client keeps one count per bucket (the first bound at or above the value) and the sum; adding
+    a batch's counts bucket by bucket costs a few increments per batch instead of one call per sample.
+    """
+    if values.size == 0:
+        return
+    bounds = histogram._upper_bounds
+    index = np.searchsorted(np.asarray(bounds[:-1], dtype=np.float64), values, side="left")
+    counts = np.bincount(index, minlength=len(bounds))
+    for i in np.flatnonzero(counts):
+        histogram._buckets[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum(dtype=np.float64)))

@@ -114,7 +114,10 @@ class ScoringRoute:
             ticket = admit(engine, scope, name, params.get("version"), app.max_timeout_s)
         try:
             request = ScoringRequest(scope, receive, ctx, params, ticket, app.max_body_bytes, app.disconnects)
-            return await self.handler(engine, request)
+            reply = await self.handler(engine, request)
+            if time.monotonic() > ticket.deadline:  # answered, but later than the client asked for
+                engine.metrics.answered_late.labels(ticket.mv.name, self.template).inc()
+            return reply
         finally:
             engine.release(ticket)
 

@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -118,6 +119,71 @@ def test_json_protocol_by_hand(live: LiveServer, bundles: Bundles) -> None:
     body["inputs"][1]["datatype"] = "FP32"
     r = httpx.post(f"{live.url}/v2/models/criteo/infer", json=body)
     assert r.status_code == 400 and r.json()["error"].startswith("input 'categorical': FP32 data must be numbers")
+
+
+# --- the Open Inference Protocol to the letter (KServe "Predict Protocol - Version 2", required_api.md) ---
+
+
+def test_spec_parameters_hold_scalars(live: LiveServer) -> None:
+    """'$parameter = $string : $string | $number | $boolean' (Parameters)."""
+    meta = httpx.get(f"{live.url}/v2/models/criteo").json()
+    assert meta["parameters"] and all(type(v) in (str, int, float, bool) for v in meta["parameters"].values())
+    assert meta["parameters"]["dense_features"] == 13 and meta["parameters"]["categorical_features"] == 26
+
+
+def test_spec_platform_names(live: LiveServer) -> None:
+    """'platform: The framework/backend for the model' -- named as the spec's Platforms list: onnx_onnxv1,
+    pytorch_torchscript."""
+    assert httpx.get(f"{live.url}/v2/models/criteo").json()["platform"] == "onnx_onnxv1"
+    from server.protocols.v2.codec import PLATFORMS
+
+    assert PLATFORMS == {"onnx": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v2/models/criteo/infer", {"inputs": []}),
+        ("/v2/models/criteo/infer", {"inputs": [{"name": "categorical", "shape": [1, 2], "datatype": "BYTES",
+                                                  "data": ["a", "b"]}]}),
+        ("/v2/models/criteo/infer", {"inputs": [{"name": "dense", "shape": [1, 13], "datatype": "FP32",
+                                                  "data": [0.0] * 13}], "parameters": {"timeout": -1}}),
+    ],
+)  # fmt: skip
+def test_spec_a_failed_inference_is_400_with_an_error_string(live: LiveServer, path: str, body: object) -> None:
+    """'A failed inference request must be indicated by an HTTP error status (typically 400). The HTTP body must
+    contain the $inference_error_response object': {"error": <error message string>}."""
+    r = httpx.post(f"{live.url}{path}", json=body)
+    assert r.status_code == 400
+    assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+
+
+def test_spec_failed_metadata_is_an_error_object(live: LiveServer) -> None:
+    """'A failed model metadata request must be indicated by an HTTP error status ... The HTTP body must contain the
+    $metadata_model_error_response object' ({"error": $string})."""
+    r = httpx.get(f"{live.url}/v2/models/nope")
+    assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
+def test_spec_health_is_200_for_true_and_4xx_for_false(live: LiveServer, tmp_path: Path) -> None:
+    """'A 200 status code indicates true and a 4xx status code indicates false' (Health)."""
+    assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{live.url}/v2/models/criteo/ready").json() == {"name": "criteo", "version": "2", "ready": True}
+    assert 400 <= httpx.get(f"{live.url}/v2/models/criteo/versions/1/ready").status_code < 500
+    assert 400 <= httpx.get(f"{live.url}/v2/models/nope/ready").status_code < 500
+    with LiveServer(build_app(settings_for(tmp_path))) as empty:  # no model loaded: not ready
+        r = httpx.get(f"{empty.url}/v2/health/ready")
+        assert (r.status_code, r.json()) == (400, {"ready": False})
+        assert httpx.get(f"{empty.url}/v2/health/live").status_code == 200
+        c = triton.InferenceServerClient(url=f"127.0.0.1:{empty.port}")
+        assert c.is_server_live() and not c.is_server_ready()
+        c.close()
+
+
+def test_the_timeout_parameter_is_microseconds_as_tritons(client: triton.InferenceServerClient) -> None:
+    # tritonclient's infer(timeout=...) sends parameters.timeout in microseconds; a generous one is served
+    result = client.infer("criteo", tensors([instance(0)]), timeout=5_000_000)
+    assert result.as_numpy("probability").shape == (1, 1)
 
 
 def test_disconnected_client_is_dropped(bundles: Bundles) -> None:

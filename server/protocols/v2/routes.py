@@ -80,11 +80,15 @@ async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: a model is loaded and warm", responses=_errors(503))
+# Health answers: "A 200 status code indicates true and a 4xx status code indicates false" (KServe Predict Protocol
+# v2, Health); the bodies are the Open Inference Protocol's $ready_server_response / $ready_model_response.
+NOT_READY = 400
+
+
+@router.get("/v2/health/ready", summary="Readiness: a model is loaded and warm; 400 when not", responses=_errors(400))
 async def ready(request: Request) -> Response:
-    if not engine_of(request).ready:
-        raise NotReady("not ready: no model loaded yet, or shutting down")
-    return json_response({"ready": True})
+    ready = engine_of(request).ready
+    return json_response({"ready": ready}, 200 if ready else NOT_READY)
 
 
 @router.get("/v2/models/{name}", summary="Model metadata", responses=_errors(404))
@@ -97,13 +101,22 @@ async def model_version_metadata(name: str, version: str, request: Request) -> R
     return json_response(codec.model_metadata(engine_of(request).model_info(name, version)))
 
 
-@router.get("/v2/models/{name}/ready", summary="Model readiness", responses=_errors(404, 503))
+@router.get("/v2/models/{name}/ready", summary="Model readiness; 400 or 404 when not", responses=_errors(400, 404))
 async def model_ready(name: str, request: Request) -> Response:
-    info = engine_of(request).model_info(name)
-    return json_response({"name": name, "version": info["version"], "ready": True})
+    return _model_ready(engine_of(request), name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness", responses=_errors(404))
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", summary="Model version readiness; 400 or 404 when not",
+    responses=_errors(400, 404),
+)  # fmt: skip
 async def model_version_ready(name: str, version: str, request: Request) -> Response:
-    engine_of(request).model_info(name, version)
-    return json_response({"name": name, "version": version, "ready": True})
+    return _model_ready(engine_of(request), name, version)
+
+
+def _model_ready(engine: Engine, name: str, version: str | None) -> Response:
+    try:
+        info = engine.model_info(name, version)
+    except NotReady:  # known, but the server is starting or shutting down
+        return json_response({"name": name, "ready": False}, NOT_READY)
+    return json_response({"name": name, "version": info["version"], "ready": True})
