@@ -83,12 +83,15 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real uvicorn server (httptools, uvloop) on a free port, in a background thread."""
+    """A real uvicorn server (the server's HTTP protocol, uvloop) on a free port, in a background thread."""
 
     def __init__(self, app: FastAPI) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on",
+            http="server.http_protocol:LmaHttpProtocol", proxy_headers=False,
+        )  # fmt: skip  # what `lma serve` runs
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 

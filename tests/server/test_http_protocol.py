@@ -1,0 +1,116 @@
+"""The server's HTTP protocol (server/http_protocol.py) through real uvicorn: admission as the headers arrive,
+refusals that never read the body, one write per response, 100-continue, keep-alive after a refusal; and the
+access log, written by its own thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from serving_helpers import Bundles, LiveServer, instance, make_repo, settings_for
+
+from server.app import build_app
+
+PREDICT = "/v1/models/criteo:predict"
+
+
+@pytest.fixture(scope="module")
+def live(bundles: Bundles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    repo = make_repo(tmp_path_factory.mktemp("protocol-repo"), bundles.criteo_v1)
+    # a lone request waits up to 300 ms for company: a deadline under that cannot be met
+    with LiveServer(build_app(settings_for(repo, max_wait_ms=300, access_log=True))) as server:
+        yield server
+
+
+def _read_response(s: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    s.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        body += s.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def _request_head(length: int, timeout_ms: float | None = None, extra: str = "") -> bytes:
+    timeout = f"X-Request-Timeout-Ms: {timeout_ms}\r\n" if timeout_ms is not None else ""
+    return (
+        f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+        f"{timeout}{extra}\r\n"
+    ).encode()
+
+
+def test_a_refusal_is_answered_before_the_body_is_sent(live: LiveServer) -> None:
+    body = json.dumps({"instances": [instance()]}).encode()
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(_request_head(len(body), timeout_ms=50))  # the headers only: the body is never sent before...
+        status, headers, answer = _read_response(s)  # ...the 503 arrives
+        assert (status, headers["retry-after"]) == (503, "1") and headers["x-request-id"]
+        assert json.loads(answer)["kind"] == "overloaded"
+        # the connection carries on: the body the client sends anyway is skipped, the next request is served
+        s.sendall(body)
+        s.sendall(_request_head(len(body)) + body)
+        status, headers, answer = _read_response(s)
+        assert status == 200 and len(json.loads(answer)["predictions"]) == 1
+    metrics = httpx.get(f"{live.url}/metrics").text
+    assert 'lma_rejected_total{model="criteo",reason="predicted_wait"} 1.0' in metrics
+    assert 'lma_requests_total{code="503",model="criteo",route="/v1/models/{name}:predict"} 1.0' in metrics
+
+
+def test_connection_close_after_a_refusal(live: LiveServer) -> None:
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(_request_head(10, timeout_ms=50, extra="Connection: close\r\n"))
+        status, headers, _ = _read_response(s)
+        assert status == 503 and headers["connection"] == "close"
+        assert s.recv(10) == b""  # and the server closed it
+
+
+def test_expect_100_continue_is_answered_at_once(live: LiveServer) -> None:
+    body = json.dumps({"instances": [instance()]}).encode()
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(_request_head(len(body), extra="Expect: 100-continue\r\n"))
+        s.settimeout(10)
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # not held back with the answer
+        s.sendall(body)
+        status, _, answer = _read_response(s)
+        assert status == 200 and json.loads(answer)["model"] == "criteo"
+
+
+def test_every_answer_is_whole(live: LiveServer) -> None:
+    with httpx.Client(base_url=live.url) as client:
+        head = client.head("/v2/health/live")  # an answer without a body: the held-back headers still go out
+        assert head.status_code == 405 and head.content == b"" and head.headers["x-request-id"]
+        for _ in range(3):  # keep-alive: each answer complete, none glued to the next
+            r = client.post(PREDICT, json={"instances": [instance(), instance(1)]})
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_the_access_log_is_written_off_the_event_loop(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lma.server.access"):
+        r = httpx.post(f"{live.url}{PREDICT}", json={"instances": [instance()]}, headers={"x-request-id": "log-1"})
+        assert r.status_code == 200
+        deadline = time.monotonic() + 10
+        while not any(getattr(x, "fields", {}).get("request_id") == "log-1" for x in caplog.records):
+            assert time.monotonic() < deadline, "no access line"
+            time.sleep(0.01)
+    (record,) = [x for x in caplog.records if getattr(x, "fields", {}).get("request_id") == "log-1"]
+    assert record.threadName == "lma-access-log"
+    fields = record.fields  # type: ignore[attr-defined]
+    assert (fields["route"], fields["status"], fields["model"], fields["version"]) == (
+        "/v1/models/{name}:predict", 200, "criteo", "1",
+    )  # fmt: skip
+    assert fields["duration_ms"] > 0 and "parse_ms" in fields and "model_ms" in fields
+    assert "t0" not in json.dumps(fields)  # never the payload (instance tokens are t0..t49)
