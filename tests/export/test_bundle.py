@@ -151,3 +151,14 @@ def test_latest_bundles_of_one_bundle_folder(bundles: dict[str, Bundle], tmp_pat
     _edit_manifest(bad, format_version=7)
     with pytest.raises(BundleError, match=r"format_version 7 is not supported"):
         latest_bundles(bad)
+
+
+def test_a_bundle_of_another_key_hashing_scheme_is_refused_naming_both(copy: Path) -> None:
+    # keys are hashed outside the graph (the server's featurization): a bundle trained on other keys would
+    # score every request wrongly, so it is refused, and the message names its scheme and this build's
+    m = json.loads((copy / "manifest.json").read_text())
+    _edit_manifest(copy, schema={**m["schema"], "hash_scheme": "xxh64-v2"})
+    with pytest.raises(
+        BundleError, match=r"unknown hash_scheme 'xxh64-v2'; this build knows 'blake2b64-field-keyed-v1'"
+    ):
+        load_bundle(copy)
