@@ -190,6 +190,7 @@ def build_app(settings: Settings) -> LmaApp:
             raise
         app.state.engine = engine
         metrics.set_device_memory_source(engine.device_memory)
+        flusher = asyncio.get_running_loop().create_task(metrics.flush_forever(), name="lma-metrics-flush")
         updates = await _start_model_updates(settings, registry)
         log.info(
             "ready",
@@ -204,6 +205,9 @@ def build_app(settings: Settings) -> LmaApp:
                 updates.cancel()
                 await asyncio.gather(updates, return_exceptions=True)
             await engine.close()
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            metrics.pending.flush()
             if multiprocess_dir() is not None:
                 from prometheus_client import multiprocess
 

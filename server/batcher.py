@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from server.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from server.metrics import ModelMetrics, observe_all
+from server.metrics import ModelMetrics
 from server.runtimes import Runtime
 from server.types import Rows, Scores, to_batch
 
@@ -109,6 +109,7 @@ class Batcher:
         self.max_queue = max_queue
         self._runtime = runtime
         self._m = metrics
+        self._pending = metrics.pending
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0  # rows not yet dispatched
         self._wakeup = asyncio.Event()
@@ -128,6 +129,7 @@ class Batcher:
         return len(self._queue)
 
     def start(self) -> None:
+        self._pending.gauges[self._m.queue_depth] = self._depth
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
         self._task.add_done_callback(self._on_loop_done)
 
@@ -152,18 +154,18 @@ class Batcher:
         buffers, and of this one's answer). ``waited_s`` (arrival to admission) goes to
         ``lma_admission_wait_seconds``.
         """
-        m = self._m
+        m, pending = self._m, self._pending
         if counted:
-            m.admission_wait.observe(waited_s)
+            pending.observe(m.admission_wait, waited_s)
         if self._closing or self._task is None:
-            m.rejected["not_ready"].inc()
+            pending.inc(m.rejected["not_ready"])
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
         if counted and len(self._queue) + self.incoming >= self.max_queue:
-            m.rejected["queue_full"].inc()
+            pending.inc(m.rejected["queue_full"])
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
         wait = max(self.predicted_wait(now), ahead_s) + loop_lag_s
         if now + wait > deadline:
-            m.rejected["predicted_wait"].inc()
+            pending.inc(m.rejected["predicted_wait"])
             left = max(0.0, deadline - now) * 1000
             raise Overloaded(
                 f"model {self.name!r} is overloaded: a request now would wait about {wait * 1000:.0f} ms, and its"
@@ -202,7 +204,7 @@ class Batcher:
         Admission (:meth:`admit`) happened before; only a closing batcher refuses here.
         """
         if self._closing or self._task is None:
-            self._m.rejected["not_ready"].inc()
+            self._pending.inc(self._m.rejected["not_ready"])
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
         if len(batch) == 0:
             return Scores(np.zeros(0, np.float32), np.zeros(0, np.int64))
@@ -212,7 +214,6 @@ class Batcher:
         pending = _Pending(batch, future, deadline, now)
         self._queue.append(pending)
         self._queued_rows += len(batch)
-        self._m.queue_depth.set(len(self._queue))
         if len(self._queue) == 1 or self._queued_rows >= self.max_batch_size:
             self._wakeup.set()  # start the wait timer, or flush a full batch now
         try:
@@ -230,8 +231,10 @@ class Batcher:
         except ValueError:
             return  # already gone
         self._queued_rows -= len(p.batch)
-        self._m.rejected["cancelled"].inc()
-        self._m.queue_depth.set(len(self._queue))
+        self._pending.inc(self._m.rejected["cancelled"])
+
+    def _depth(self) -> float:
+        return float(len(self._queue))
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Stop accepting, finish the queued work (at most ``timeout_s``), stop the runtime thread."""
@@ -245,6 +248,10 @@ class Batcher:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
         self._fail_queued(lambda: NotReady(f"model {self.name!r} shut down before this request was scored"))
+        gauges = self._pending.gauges
+        if gauges.get(self._m.queue_depth) == self._depth:  # not taken over by the model's next version
+            del gauges[self._m.queue_depth]
+            self._m.queue_depth.set(0)
         self._executor.shutdown(wait=True)
 
     # --- the batch-forming task ---
@@ -284,13 +291,13 @@ class Batcher:
                 queue.popleft()
                 self._queued_rows -= size - p.next_row
                 if p.future.cancelled():
-                    self._m.rejected["cancelled"].inc()
+                    self._pending.inc(self._m.rejected["cancelled"])
                 continue
             if p.next_row == 0:
                 if now > p.deadline:
                     queue.popleft()
                     self._queued_rows -= size
-                    self._m.rejected["deadline"].inc()
+                    self._pending.inc(self._m.rejected["deadline"])
                     waited_ms = (now - p.enqueued) * 1000
                     p.future.set_exception(
                         DeadlineExceeded(
@@ -298,7 +305,7 @@ class Batcher:
                         )
                     )
                     continue
-                self._m.queue_duration.observe(now - p.enqueued)
+                self._pending.observe(self._m.queue_duration, now - p.enqueued)
             take = min(size - p.next_row, room)
             parts.append((p, p.next_row, p.next_row + take))
             p.next_row += take
@@ -306,7 +313,6 @@ class Batcher:
             self._queued_rows -= take
             if p.next_row == size:
                 queue.popleft()
-        self._m.queue_depth.set(len(queue))
         return parts
 
     async def _dispatch(self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Pending, int, int]]) -> None:
@@ -316,9 +322,9 @@ class Batcher:
         self._busy_until = time.monotonic() + (cost or 0.0) * self.slowdown
         try:
             if cost is not None and cost <= INLINE_MAX_S:
-                scores = self._run(pieces, size)  # short: cheaper than a thread hand-off (see INLINE_MAX_S)
+                scores, elapsed = self._run(pieces, size)  # short: cheaper than a thread hand-off (see INLINE_MAX_S)
             else:
-                scores = await loop.run_in_executor(self._executor, self._run, pieces, size)
+                scores, elapsed = await loop.run_in_executor(self._executor, self._run, pieces, size)
         except asyncio.CancelledError:
             self._fail([p for p, _, _ in parts], lambda: NotReady(f"model {self.name!r} shut down while scoring"))
             raise
@@ -329,6 +335,13 @@ class Batcher:
             return
         finally:
             self._busy_until = 0.0
+        m, pending = self._m, self._pending
+        pending.observe(m.inference_duration, elapsed)
+        pending.observe(m.batch_size, size)
+        pending.inc(m.inference_samples, size)
+        pending.inc(m.inference_batches)
+        pending.inc(m.fallback_tokens, int(scores.fallback_tokens.sum()))
+        pending.observe_many(m.probability, scores.probability)
         offset = 0
         for p, start, stop in parts:
             piece = scores.slice(offset, offset + stop - start)
@@ -342,8 +355,11 @@ class Batcher:
             if stop == len(p.batch):
                 p.future.set_result(Scores.concatenate(p.parts))
 
-    def _run(self, pieces: list[Rows], size: int) -> Scores:
-        """Featurize and score one batch: in the runtime thread, or on the event loop (under ``INLINE_MAX_S``)."""
+    def _run(self, pieces: list[Rows], size: int) -> tuple[Scores, float]:
+        """Featurize and score one batch: in the runtime thread, or on the event loop (under ``INLINE_MAX_S``).
+
+        Returns the scores and the runtime's time; the caller records the metrics, on the event loop.
+        """
         start = time.perf_counter()
         batch = to_batch(pieces)
         featurized = time.perf_counter()
@@ -356,14 +372,7 @@ class Batcher:
         if expected:
             ratio = min(max((end - start) / expected, SLOWDOWN_RANGE[0]), SLOWDOWN_RANGE[1])
             self.slowdown += SLOWDOWN_WEIGHT * (ratio - self.slowdown)
-        m = self._m
-        m.inference_duration.observe(elapsed)
-        m.batch_size.observe(size)
-        m.inference_samples.inc(size)
-        m.inference_batches.inc()
-        m.fallback_tokens.inc(int(scores.fallback_tokens.sum()))
-        observe_all(m.probability, scores.probability)
-        return scores
+        return scores, elapsed
 
     # --- failure paths ---
 
@@ -377,7 +386,6 @@ class Batcher:
         self._fail(list(self._queue), error)
         self._queue.clear()
         self._queued_rows = 0
-        self._m.queue_depth.set(0)
 
     def _on_loop_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -341,12 +341,13 @@ class RequestRecorder:
         counter = self._counters.get(key)
         if counter is None:
             counter = self._counters[key] = self.metrics.requests.labels(ctx.model, route, str(status))
-        counter.inc()
+        pending = self.metrics.pending
+        pending.inc(counter)
         hkey = (ctx.model, route)
         histogram = self._histograms.get(hkey)
         if histogram is None:
             histogram = self._histograms[hkey] = self.metrics.request_duration.labels(*hkey)
-        histogram.observe(elapsed)
+        pending.observe(histogram, elapsed)
         if self.access_log is not None:
             fields: dict[str, Any] = {
                 "request_id": ctx.request_id,

@@ -55,7 +55,13 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # route uvicorn's own lines through ours
+    for name in ("uvicorn", "uvicorn.error"):  # route uvicorn's own lines through ours
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").disabled = True  # the server writes its own access lines
+    # The server writes its own access lines. uvicorn formats its line whenever the logger has a handler
+    # anywhere up the tree (client address, quoted path: ~1.5% of the server's time in py-spy), so this one
+    # has none and does not propagate.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False
+    uvicorn_access.disabled = True

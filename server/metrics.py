@@ -13,6 +13,8 @@ prometheus_client's multiprocess mode cannot aggregate it.
 
 from __future__ import annotations
 
+import array
+import asyncio
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -44,6 +46,51 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 REJECT_REASONS = ("predicted_wait", "queue_full", "deadline", "cancelled", "not_ready")
 
 DeviceMemorySource = Callable[[], Iterable[tuple[str, str, int]]]  # -> (model, device, bytes) rows
+FLUSH_S = 0.1  # how often the hot path's pending updates reach the metrics (and before every /metrics answer)
+
+
+class Pending:
+    """Metric updates of the hot path, applied in bulk: every ``FLUSH_S`` and before ``/metrics`` answers.
+
+    A prometheus_client update takes a lock and, with several workers (multiprocess mode), writes an mmap'd
+    file: 1-2.6 µs each, five or six of them per request (requests, latency, queue wait, admission wait,
+    queue depth twice), 10% of a single-sample request's budget. Here an update is a dict or array append;
+    :meth:`flush` adds them up, counters by their totals and histograms bucket by bucket
+    (:func:`observe_all`). Counts stay exact: one process's /metrics shows everything up to that moment;
+    with several workers, another worker's last ``FLUSH_S`` can be missing from a scrape.
+
+    Only the event loop's thread updates it (the batcher records after the runtime thread returns).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, int] = {}
+        self.observations: dict[Any, array.array[float]] = {}
+        self.gauges: dict[Any, Callable[[], float]] = {}  # child -> its value, read at every flush
+
+    def inc(self, child: Any, n: int = 1) -> None:
+        self.counts[child] = self.counts.get(child, 0) + n
+
+    def observe(self, child: Any, value: float) -> None:
+        values = self.observations.get(child)
+        if values is None:
+            values = self.observations[child] = array.array("d")
+        values.append(value)
+
+    def observe_many(self, child: Any, values: np.ndarray) -> None:
+        pending = self.observations.get(child)
+        if pending is None:
+            pending = self.observations[child] = array.array("d")
+        pending.extend(values.astype(np.float64, copy=False).tolist())
+
+    def flush(self) -> None:
+        counts, self.counts = self.counts, {}
+        for child, n in counts.items():
+            child.inc(n)
+        observations, self.observations = self.observations, {}
+        for child, values in observations.items():
+            observe_all(child, np.frombuffer(values, dtype=np.float64))
+        for child, value in list(self.gauges.items()):
+            child.set(value())
 
 
 def multiprocess_dir() -> str | None:
@@ -67,9 +114,13 @@ class _DeviceMemoryCollector(Collector):
 
 
 class ModelMetrics:
-    """The children of one model, bound once: the batcher's hot path does no label lookups."""
+    """The children of one model, bound once: the batcher's hot path does no label lookups.
+
+    Its updates go through ``pending`` (:class:`Pending`); ``queue_depth`` is read from the batcher at each flush.
+    """
 
     def __init__(self, m: Metrics, model: str, runtime: str, device: str) -> None:
+        self.pending = m.pending
         self.queue_duration = m.queue_duration.labels(model)
         self.batch_size = m.batch_size.labels(model)
         self.inference_duration = m.inference_duration.labels(model, runtime, device)
@@ -178,6 +229,7 @@ class Metrics:
             "lma_model_reloads_total", "Model swaps by result (ok, failed, rejected)", ["model", "result"], registry=r
         )
         self._device_memory: DeviceMemorySource | None = None
+        self.pending = Pending()
         self._exposition = self._exposition_registry()
 
     def _exposition_registry(self) -> CollectorRegistry:
@@ -203,7 +255,14 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition (tests, tools)."""
+        self.pending.flush()
         return bytes(generate_latest(self._exposition))
+
+    async def flush_forever(self) -> None:
+        """Apply the pending updates every ``FLUSH_S`` (the app runs this as a task; cancel it to stop)."""
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            self.pending.flush()
 
     def for_model(self, model: str, runtime: str, device: str) -> ModelMetrics:
         return ModelMetrics(self, model, runtime, device)

@@ -207,6 +207,10 @@ def test_two_workers_share_their_metrics(bundles: Bundles, tmp_path: Path) -> No
         for i in range(20):  # a new connection each: the kernel spreads them over both workers
             assert httpx.post(f"{server.url}{PREDICT}", json={"instances": [instance(i)]}).status_code == 200
         route = {"route": "/v1/models/{name}:predict", "code": "200", "model": "criteo"}
+        # each worker applies its counts every 0.1 s (server.metrics.FLUSH_S); the one scraped, at once
+        deadline = time.monotonic() + 10
+        while server.metric("lma_requests_total", **route) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert server.metric("lma_requests_total", **route) == 20
         assert server.metric("lma_inference_samples_total", model="criteo") == 20
         assert (

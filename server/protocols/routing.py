@@ -116,7 +116,7 @@ class ScoringRoute:
             request = ScoringRequest(scope, receive, ctx, params, ticket, app.max_body_bytes, app.disconnects)
             reply = await self.handler(engine, request)
             if time.monotonic() > ticket.deadline:  # answered, but later than the client asked for
-                engine.metrics.answered_late.labels(ticket.mv.name, self.template).inc()
+                engine.metrics.pending.inc(engine.metrics.answered_late.labels(ticket.mv.name, self.template))
             return reply
         finally:
             engine.release(ticket)

@@ -19,9 +19,11 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/metrics", summary="Prometheus metrics (text or OpenMetrics, gzip when accepted)", response_class=Response)
 async def metrics(request: Request) -> Response:
+    metrics = request.app.state.metrics
+    metrics.pending.flush()  # this process's counts, exact up to now
     app = getattr(request.app.state, "metrics_app", None)
     if app is None:
-        app = request.app.state.metrics_app = request.app.state.metrics.asgi_app()
+        app = request.app.state.metrics_app = metrics.asgi_app()
     sent: dict[str, Any] = {}
 
     async def send(message: Message) -> None:

@@ -59,6 +59,7 @@ class Harness:
         )
 
     def value(self, name: str, **labels: str) -> float:
+        self.metrics.pending.flush()
         v = self.metrics.registry.get_sample_value(name, {"model": "m", **labels})
         return 0.0 if v is None else v
 

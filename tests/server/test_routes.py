@@ -196,6 +196,7 @@ def test_deadline_is_504(bundles: Bundles, tmp_path: Path, monkeypatch: pytest.M
         r = client.post(PREDICT, json={"instances": [instance()]}, headers={"x-request-timeout-ms": "50"})
         status, kind, text = error(r)
         assert (status, kind) == (504, "deadline_exceeded") and "deadline passed" in text
+        app.state.metrics.pending.flush()
         samples = app.state.metrics.registry.get_sample_value("lma_inference_samples_total", {"model": "criteo"})
         assert samples in (None, 0.0)
 
