@@ -132,13 +132,7 @@ class LoadResult:
 
     def percentiles_ms(self, status: int | None = 200) -> dict[str, float]:
         """p50/p95/p99/max latency in ms of the responses with ``status`` (None: all); NaN when there are none."""
-        lat = self.latency_ns if status is None else self.latency_ns[self.status == status]
-        if lat.size == 0:
-            return {f"p{q}": float("nan") for q in PERCENTILES} | {"max": float("nan")}
-        values = np.percentile(lat, PERCENTILES) / 1e6
-        out = {f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
-        out["max"] = float(lat.max()) / 1e6
-        return out
+        return _percentiles_ms(self.latency_ns if status is None else self.latency_ns[self.status == status])
 
     @property
     def failed(self) -> int:
@@ -150,12 +144,7 @@ class LoadResult:
         lat = self.latency_ns
         if self.failed:
             lat = np.concatenate([lat, np.full(self.failed, int(self.timeout_s * 1e9), np.int64)])
-        if lat.size == 0:
-            return {f"p{q}": float("nan") for q in PERCENTILES} | {"max": float("nan")}
-        values = np.percentile(lat, PERCENTILES) / 1e6
-        out = {f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
-        out["max"] = float(lat.max()) / 1e6
-        return out
+        return _percentiles_ms(lat)
 
     def goodput_per_s(self, deadline_s: float) -> float:
         """200 answers that arrived within ``deadline_s`` of their (scheduled) send, per second."""
@@ -190,6 +179,15 @@ class LoadResult:
         }
 
 
+def _percentiles_ms(latency_ns: np.ndarray) -> dict[str, float]:
+    if latency_ns.size == 0:
+        return {f"p{q}": float("nan") for q in PERCENTILES} | {"max": float("nan")}
+    values = np.percentile(latency_ns, PERCENTILES) / 1e6
+    out = {f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
+    out["max"] = float(latency_ns.max()) / 1e6
+    return out
+
+
 class _Recorder:
     """Shared state of one run: where completions are written and what happens after each one."""
 
@@ -216,6 +214,14 @@ class _Recorder:
 
     # called by connections
     def on_response(self, conn: _Connection, status: int, body: bytes | bytearray) -> None:
+        self.record(conn, status, body, time.perf_counter_ns())
+        if conn.closed:
+            self.on_lost(conn, in_flight=False)
+        else:
+            self.on_free(conn)
+
+    def on_free(self, conn: _Connection) -> None:
+        """``conn`` answered and can take the next request."""
         raise NotImplementedError
 
     def on_lost(self, conn: _Connection, in_flight: bool) -> None:
@@ -346,12 +352,8 @@ class _Closed(_Recorder):
         self.sent += 1
         conn.send(next(self.requests), now)
 
-    def on_response(self, conn: _Connection, status: int, body: bytes | bytearray) -> None:
-        self.record(conn, status, body, time.perf_counter_ns())
-        if conn.closed:
-            self.on_lost(conn, in_flight=False)
-        else:
-            self.send_next(conn)
+    def on_free(self, conn: _Connection) -> None:
+        self.send_next(conn)
 
     def on_lost(self, conn: _Connection, in_flight: bool) -> None:
         with contextlib.suppress(ValueError):
@@ -395,20 +397,13 @@ class _Open(_Recorder):
         if len(self.idle_conns) == len(self.conns) and not self.waiting:
             self.idle.set()
 
-    def _free(self, conn: _Connection) -> None:
+    def on_free(self, conn: _Connection) -> None:
         """``conn`` can take a request: the oldest waiting arrival, else it idles."""
         if self.waiting:
             self._send(conn, self.waiting.popleft(), time.perf_counter_ns())
         else:
             self.idle_conns.append(conn)
             self._check_done()
-
-    def on_response(self, conn: _Connection, status: int, body: bytes | bytearray) -> None:
-        self.record(conn, status, body, time.perf_counter_ns())
-        if conn.closed:
-            self.on_lost(conn, in_flight=False)
-        else:
-            self._free(conn)
 
     def on_lost(self, conn: _Connection, in_flight: bool) -> None:
         with contextlib.suppress(ValueError):
@@ -428,7 +423,7 @@ class _Open(_Recorder):
             self.connect_errors += 1
             return
         self.conns.append(conn)
-        self._free(conn)
+        self.on_free(conn)
 
     def dispatch(self, scheduled_ns: int, now: int) -> None:
         self.idle.clear()
@@ -465,15 +460,9 @@ async def _sweep_timeouts(conns: Any, timeout_ns: int, rec: _Open | None = None)
 
 
 async def closed_loop(
-    host: str,
-    port: int,
-    requests: Sequence[bytes],
-    *,
-    concurrency: int,
-    duration_s: float,
-    samples_per_request: int = 1,
-    timeout_s: float = 10.0,
-) -> LoadResult:
+    host: str, port: int, requests: Sequence[bytes], *, concurrency: int, duration_s: float,
+    samples_per_request: int = 1, timeout_s: float = 10.0,
+) -> LoadResult:  # fmt: skip
     """``concurrency`` connections sending back to back for ``duration_s``; requests in flight at the end finish."""
     check_loopback(host)
     if concurrency < 1 or duration_s <= 0:
@@ -494,22 +483,10 @@ async def closed_loop(
         cpu = time.process_time() - cpu0
     sweeper.cancel()
     await _close_all(rec.conns, rec.reconnects)
-    return LoadResult(
-        mode="closed",
-        duration_s=max(rec.last_done - start, 1) / 1e9,
-        samples_per_request=samples_per_request,
-        concurrency=concurrency,
-        rate=None,
-        scheduled=rec.sent,
-        sent=rec.sent,
-        latency_ns=np.frombuffer(rec.latency, dtype=np.int64).copy(),
-        status=np.frombuffer(rec.status, dtype=np.int16).copy(),
-        errors=rec.errors,
-        connect_errors=rec.connect_errors,
-        sample_bodies=rec.sample_bodies,
-        client_cpu_s=cpu,
-        timeout_s=timeout_s,
-    )
+    return _result(
+        rec, "closed", max(rec.last_done - start, 1) / 1e9, cpu, samples_per_request, concurrency, timeout_s,
+        rate=None, scheduled=rec.sent,
+    )  # fmt: skip
 
 
 def poisson_schedule(rate: float, duration_s: float, seed: int = 0) -> np.ndarray:
@@ -526,17 +503,9 @@ def poisson_schedule(rate: float, duration_s: float, seed: int = 0) -> np.ndarra
 
 
 async def open_loop(
-    host: str,
-    port: int,
-    requests: Sequence[bytes],
-    *,
-    rate: float,
-    duration_s: float,
-    max_connections: int = 256,
-    samples_per_request: int = 1,
-    timeout_s: float = 10.0,
-    seed: int = 0,
-) -> LoadResult:
+    host: str, port: int, requests: Sequence[bytes], *, rate: float, duration_s: float, max_connections: int = 256,
+    samples_per_request: int = 1, timeout_s: float = 10.0, seed: int = 0,
+) -> LoadResult:  # fmt: skip
     """Poisson arrivals at ``rate``/s for ``duration_s`` over at most ``max_connections`` connections.
 
     Each latency counts from the arrival's scheduled time. The generator sleeps between arrivals (timer
@@ -576,24 +545,25 @@ async def open_loop(
         cpu = time.process_time() - cpu0
     sweeper.cancel()
     await _close_all(rec.conns, rec.reconnects)
+    duration = max(max(rec.last_done, start + int(duration_s * 1e9)) - start, 1) / 1e9
+    return _result(
+        rec, "open", duration, cpu, samples_per_request, max_connections, timeout_s, rate=rate, scheduled=n,
+        waited_for_connection=rec.waited, send_lag_ns=np.frombuffer(rec.lag, dtype=np.int64).copy(),
+    )  # fmt: skip
+
+
+def _result(
+    rec: _Recorder, mode: str, duration_s: float, cpu_s: float, samples: int, concurrency: int, timeout_s: float,
+    **more: Any,
+) -> LoadResult:  # fmt: skip
+    """What a run's recorder saw, as a :class:`LoadResult`."""
     return LoadResult(
-        mode="open",
-        duration_s=max(max(rec.last_done, start + int(duration_s * 1e9)) - start, 1) / 1e9,
-        samples_per_request=samples_per_request,
-        concurrency=max_connections,
-        rate=rate,
-        scheduled=n,
-        sent=rec.sent,
+        mode=mode, duration_s=duration_s, samples_per_request=samples, concurrency=concurrency, sent=rec.sent,
         latency_ns=np.frombuffer(rec.latency, dtype=np.int64).copy(),
         status=np.frombuffer(rec.status, dtype=np.int16).copy(),
-        errors=rec.errors,
-        waited_for_connection=rec.waited,
-        timeout_s=timeout_s,
-        connect_errors=rec.connect_errors,
-        send_lag_ns=np.frombuffer(rec.lag, dtype=np.int64).copy(),
-        sample_bodies=rec.sample_bodies,
-        client_cpu_s=cpu,
-    )
+        errors=rec.errors, connect_errors=rec.connect_errors, sample_bodies=rec.sample_bodies, client_cpu_s=cpu_s,
+        timeout_s=timeout_s, **more,
+    )  # fmt: skip
 
 
 async def _close_all(conns: list[_Connection], reconnects: set[asyncio.Task[None]]) -> None:

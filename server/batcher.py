@@ -133,46 +133,43 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
         self._task.add_done_callback(self._on_loop_done)
 
-    def admit(
-        self,
-        now: float,
-        deadline: float,
-        loop_lag_s: float = 0.0,
-        ahead_s: float = 0.0,
-        waited_s: float = 0.0,
-        counted: bool = True,
-    ) -> None:
+    def admit(self, now: float, deadline: float, *, lag_s: float = 0, ahead_s: float = 0, waited_s: float = 0) -> None:
         """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request must be refused now.
 
         The engine asks once per request, before its body is read, so that an overloaded server spends next
         to nothing on the requests it turns away. A request is refused when ``max_queue`` requests are
-        queued, or when ``now`` plus its predicted wait passes its ``deadline``: it would end in a 504 (or a
-        late 200) anyway, after taking the place of requests that can still be answered in time. The wait
-        is the longer of the model's queue (:meth:`predicted_wait`) and ``ahead_s``, what the requests
-        already admitted to this process will take (:class:`server.admission.Occupancy`: parsing and
-        answering cost too), plus the event loop's lag (the wait of requests still unread in socket
-        buffers, and of this one's answer). ``waited_s`` (arrival to admission) goes to
-        ``lma_admission_wait_seconds``.
+        queued, or when its deadline cannot be met (:meth:`check_deadline`). ``waited_s`` (arrival to
+        admission) goes to ``lma_admission_wait_seconds``. An admitted request counts as :attr:`incoming`
+        until it is queued or leaves.
         """
         m, pending = self._m, self._pending
-        if counted:
-            pending.observe(m.admission_wait, waited_s)
+        pending.observe(m.admission_wait, waited_s)
         if self._closing or self._task is None:
             pending.inc(m.rejected["not_ready"])
             raise NotReady(f"model {self.name!r} is not accepting requests (starting or shutting down)")
-        if counted and len(self._queue) + self.incoming >= self.max_queue:
+        if len(self._queue) + self.incoming >= self.max_queue:
             pending.inc(m.rejected["queue_full"])
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
-        wait = max(self.predicted_wait(now), ahead_s) + loop_lag_s
+        self.check_deadline(now, deadline, lag_s=lag_s, ahead_s=ahead_s)
+        self.incoming += 1
+
+    def check_deadline(self, now: float, deadline: float, *, lag_s: float = 0, ahead_s: float = 0) -> None:
+        """Refuse (:class:`Overloaded`, counted) when ``now`` plus the predicted wait passes ``deadline``.
+
+        Such a request would end in a 504 (or a late 200) anyway, after taking the place of requests that can
+        still be answered in time. The wait is the longer of the model's queue (:meth:`predicted_wait`) and
+        ``ahead_s``, what the requests already admitted to this process will take
+        (:class:`server.admission.Occupancy`: parsing and answering cost too), plus the event loop's lag
+        ``lag_s`` (the wait of requests still unread in socket buffers, and of this one's answer).
+        """
+        wait = max(self.predicted_wait(now), ahead_s) + lag_s
         if now + wait > deadline:
-            pending.inc(m.rejected["predicted_wait"])
+            self._pending.inc(self._m.rejected["predicted_wait"])
             left = max(0.0, deadline - now) * 1000
             raise Overloaded(
                 f"model {self.name!r} is overloaded: a request now would wait about {wait * 1000:.0f} ms, and its"
                 f" deadline is {left:.1f} ms away; retry later"
             )
-        if counted:
-            self.incoming += 1
 
     def leave(self) -> None:
         """An admitted request ends without reaching the queue (bad body, client gone): no longer incoming."""

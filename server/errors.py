@@ -21,10 +21,20 @@ RETRY_AFTER_S = 1
 
 
 class ServingError(Exception):
-    """Base of the errors the server answers with; ``status`` and ``kind`` are fixed per subclass."""
+    """Base of the errors the server answers with; ``status`` and ``kind`` are fixed per subclass.
+
+    A subclass names them in its class line: ``class NotFound(ServingError, status=404, kind="not_found")``.
+    """
 
     status: ClassVar[int] = 500
     kind: ClassVar[str] = "internal"
+
+    def __init_subclass__(cls, status: int | None = None, kind: str | None = None, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        if status is not None:
+            cls.status = status
+        if kind is not None:
+            cls.kind = kind
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,104 +44,70 @@ class ServingError(Exception):
         return {}
 
 
-class InvalidInput(ServingError):
+class InvalidInput(ServingError, status=422, kind="invalid_input"):
     """The request does not fit the protocol or the model's feature schema (names instance and field)."""
 
-    status = 422
-    kind = "invalid_input"
 
-
-class UnsupportedMediaType(ServingError):
+class UnsupportedMediaType(ServingError, status=415, kind="unsupported_media_type"):
     """A body in an encoding the server cannot decode (RFC 9110 15.5.16)."""
 
-    status = 415
-    kind = "unsupported_media_type"
+
+class ModelNotFound(ServingError, status=404, kind="model_not_found"):
+    """No model of that name is loaded, or not that version of it."""
 
 
-class ModelNotFound(ServingError):
-    status = 404
-    kind = "model_not_found"
-
-
-class EntityNotFound(ServingError):
+class EntityNotFound(ServingError, status=404, kind="entity_not_found"):
     """An instance names a feature-store entity with nothing stored (and did not ask for defaults)."""
 
-    status = 404
-    kind = "entity_not_found"
+
+class PayloadTooLarge(ServingError, status=413, kind="too_large"):
+    """More instances or body bytes than the server takes in one request."""
 
 
-class PayloadTooLarge(ServingError):
-    status = 413
-    kind = "too_large"
-
-
-class Unauthorized(ServingError):
+class Unauthorized(ServingError, status=401, kind="unauthorized"):
     """No credentials where the admin API needs them."""
-
-    status = 401
-    kind = "unauthorized"
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
 
 
-class Forbidden(ServingError):
+class Forbidden(ServingError, status=403, kind="forbidden"):
     """Wrong credentials, or the admin API is disabled."""
 
-    status = 403
-    kind = "forbidden"
 
-
-class _RetryLater(ServingError):
-    status = 503
+class _RetryLater(ServingError, status=503):
+    """Answered with Retry-After: the same request may succeed a moment later."""
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(RETRY_AFTER_S)}
 
 
-class Overloaded(_RetryLater):
-    """The model's queue is full: rejected at once, before any work."""
-
-    kind = "overloaded"
+class Overloaded(_RetryLater, kind="overloaded"):
+    """The request cannot be answered within its deadline (or the queue is full): refused at once, before any work."""
 
 
-class NotReady(_RetryLater):
+class NotReady(_RetryLater, kind="not_ready"):
     """No model loaded yet, or the server is shutting down."""
 
-    kind = "not_ready"
 
-
-class FeatureStoreUnavailable(_RetryLater):
+class FeatureStoreUnavailable(_RetryLater, kind="feature_store_unavailable"):
     """The request needs stored features and the feature store cannot deliver them."""
 
-    kind = "feature_store_unavailable"
 
-
-class DeadlineExceeded(ServingError):
+class DeadlineExceeded(ServingError, status=504, kind="deadline_exceeded"):
     """The request's deadline (LMA_REQUEST_TIMEOUT_MS) passed before it reached the model."""
 
-    status = 504
-    kind = "deadline_exceeded"
 
-
-class ReloadFailed(ServingError):
+class ReloadFailed(ServingError, status=422, kind="reload_failed"):
     """A new model version was refused; the previous one keeps serving."""
 
-    status = 422
-    kind = "reload_failed"
 
-
-class InferenceFailed(ServingError):
+class InferenceFailed(ServingError, status=500, kind="inference_failed"):
     """The runtime failed on a batch; only that batch's requests get this."""
 
-    status = 500
-    kind = "inference_failed"
 
-
-class HttpError(ServingError):
+class HttpError(ServingError, kind="http_error"):
     """A routing-level refusal from the framework (unknown path, method not allowed, bad path parameter)."""
-
-    kind = "http_error"
 
     def __init__(self, message: str, status: int, kind: str = "http_error", headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -143,11 +119,8 @@ class HttpError(ServingError):
         return self._headers
 
 
-class ClientDisconnected(ServingError):
+class ClientDisconnected(ServingError, status=499, kind="client_disconnected"):
     """The client went away before its answer was ready (logged and counted as 499, never sent)."""
-
-    status = 499
-    kind = "client_disconnected"
 
 
 def status_of(exc: ServingError, protocol: str = "native") -> int:

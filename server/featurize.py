@@ -46,9 +46,7 @@ NAN = math.nan
 TENSOR_NAMES = ("dense", "categorical")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
 _NUMBER = frozenset((float, int))
-_NUMBER_OR_NULL = _NUMBER | {type(None)}
 _TOKEN = frozenset((str, int))
-_TOKEN_OR_NULL = _TOKEN | {type(None)}
 _chain = itertools.chain.from_iterable
 
 
@@ -125,10 +123,10 @@ class Featurizer:
         self.categorical_names = schema.categorical_names
         self.dense_index = {n: j for j, n in enumerate(schema.dense_names)}
         self.categorical_index = {n: j for j, n in enumerate(schema.categorical_names)}
-        self._dense_shown = _shown(schema.dense_names) if schema.dense_names else "[]"
-        self._categorical_shown = _shown(schema.categorical_names)
-        self._missing_dense = [NAN] * self.num_dense
-        self._missing_categorical: list[object] = [None] * self.num_fields
+        self._dense_kind = _Kind("dense", "feature", schema.dense_names, _NUMBER, NAN, "a number or null")
+        self._categorical_kind = _Kind(
+            "categorical", "field", schema.categorical_names, _TOKEN, None, "a string, an integer or null"
+        )
 
     def batch(self, dense: list[float], categorical: list[object], size: int) -> Batch:
         """Graph inputs of ``size`` rows of validated raw values (flat, row-major)."""
@@ -175,68 +173,40 @@ class Featurizer:
 
     def _dense(self, i: int, values: object, out: list[float]) -> None:
         """Append one instance's raw dense values in schema order (missing: NaN) to ``out``."""
-        if values is None:
-            out += self._missing_dense
-        elif type(values) is list:
-            if len(values) != self.num_dense:
-                raise InvalidInput(
-                    f"instances[{i}].dense: expected {self.num_dense} values {self._dense_shown}, got {len(values)}"
-                )
-            types = set(map(type, values))  # one C-level pass; the loop below only runs to name a bad value
-            if types <= _NUMBER:
-                out += values
-                return
-            if not types <= _NUMBER_OR_NULL:
-                self._bad_value(i, "dense", values, _NUMBER_OR_NULL, self.dense_names, "a number or null")
-            out += [NAN if v is None else v for v in values]
-        elif type(values) is dict:
-            row = list(self._missing_dense)
-            index = self.dense_index
-            for name, v in values.items():
-                j = index.get(name)
-                if j is None:
-                    raise InvalidInput(f"instances[{i}].dense: unknown feature {name!r}; expected {self._dense_shown}")
-                if type(v) in _NUMBER:
-                    row[j] = v
-                elif v is not None:
-                    raise InvalidInput(f"instances[{i}].dense.{name}: expected a number or null, got {json_type(v)}")
-            out += row
-        else:
-            raise InvalidInput(f"instances[{i}].dense: expected an array or an object, got {json_type(values)}")
+        self._values(i, values, out, self._dense_kind)
 
     def _categorical(self, i: int, values: object, out: list[object]) -> None:
         """Append one instance's raw tokens in schema order (missing: None) to ``out``."""
+        self._values(i, values, out, self._categorical_kind)
+
+    def _values(self, i: int, values: object, out: list[Any], k: _Kind) -> None:
+        """Append one instance's values of one kind (dense or categorical) to ``out``, in schema order."""
         if values is None:
-            out += self._missing_categorical
+            out += k.missing_row
         elif type(values) is list:
-            if len(values) != self.num_fields:
-                raise InvalidInput(
-                    f"instances[{i}].categorical: expected {self.num_fields} values {self._categorical_shown},"
-                    f" got {len(values)}"
-                )
-            if not set(map(type, values)) <= _TOKEN_OR_NULL:
-                self._bad_value(
-                    i, "categorical", values, _TOKEN_OR_NULL, self.categorical_names, "a string, an integer or null"
-                )
-            out += values
+            if len(values) != k.size:
+                raise InvalidInput(f"instances[{i}].{k.key}: expected {k.size} values {k.shown}, got {len(values)}")
+            types = set(map(type, values))  # one C-level pass; the loop below only runs to name a bad value
+            if types <= k.accepted:
+                out += values
+                return
+            if not types <= k.accepted_or_null:
+                self._bad_value(i, k.key, values, k.accepted_or_null, k.names, k.expected)
+            out += values if k.missing is None else [k.missing if v is None else v for v in values]
         elif type(values) is dict:
-            row = list(self._missing_categorical)
-            index = self.categorical_index
+            row = list(k.missing_row)
+            index = k.index
             for name, v in values.items():
                 j = index.get(name)
                 if j is None:
-                    raise InvalidInput(
-                        f"instances[{i}].categorical: unknown field {name!r}; expected {self._categorical_shown}"
-                    )
-                if type(v) in _TOKEN_OR_NULL:
+                    raise InvalidInput(f"instances[{i}].{k.key}: unknown {k.what} {name!r}; expected {k.shown}")
+                if type(v) in k.accepted:
                     row[j] = v
-                else:
-                    raise InvalidInput(
-                        f"instances[{i}].categorical.{name}: expected a string, an integer or null, got {json_type(v)}"
-                    )
+                elif v is not None:
+                    raise InvalidInput(f"instances[{i}].{k.key}.{name}: expected {k.expected}, got {json_type(v)}")
             out += row
         else:
-            raise InvalidInput(f"instances[{i}].categorical: expected an array or an object, got {json_type(values)}")
+            raise InvalidInput(f"instances[{i}].{k.key}: expected an array or an object, got {json_type(values)}")
 
     @staticmethod
     def _bad_value(
@@ -349,5 +319,23 @@ class Featurizer:
         return t.shape[0]
 
 
-def _shown(names: tuple[str, ...]) -> str:
-    return f"({names[0]}..{names[-1]})" if len(names) > 2 else str(list(names))
+class _Kind:
+    """How one kind of feature (dense or categorical) of a schema is checked and what stands for missing."""
+
+    __slots__ = ("accepted", "accepted_or_null", "expected", "index", "key", "missing", "missing_row", "names",
+                 "shown", "size", "what")  # fmt: skip
+
+    def __init__(
+        self, key: str, what: str, names: tuple[str, ...], accepted: frozenset[type], missing: object, expected: str
+    ) -> None:
+        self.key = key  # the instance key: "dense" or "categorical"
+        self.what = what  # "feature" or "field", in messages
+        self.names = names
+        self.size = len(names)
+        self.index = {n: j for j, n in enumerate(names)}
+        self.accepted = accepted  # exact types (bool is not int here)
+        self.accepted_or_null = accepted | {type(None)}
+        self.missing = missing  # what a null becomes (None: stays None)
+        self.missing_row = [missing] * len(names)
+        self.expected = expected
+        self.shown = f"({names[0]}..{names[-1]})" if len(names) > 2 else str(list(names))

@@ -227,7 +227,9 @@ async def test_a_deadline_that_cannot_be_met_is_refused_at_admission(bundles: Bu
         with pytest.raises(Overloaded, match="would wait about"):
             b.admit(now, now + cost / 2)
         assert h.value("lma_rejected_total", reason="predicted_wait") == 2
-        b.admit(now, now + 2 * cost)  # a deadline that leaves room is admitted
+        b.admit(now, now + 2 * cost)  # a deadline that leaves room is admitted, and counts as incoming...
+        assert b.incoming == 1
+        b.leave()  # ...until it is queued (the engine says so as it submits)
         assert h.value("lma_admission_wait_seconds_count") == 3
         await asyncio.wait_for(b.submit(rows(1, seed=9), deadline()), 30)  # the batch of 4 flushes on size
         assert [len(q.result()) for q in queued] == [1, 1, 1]
