@@ -29,10 +29,9 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,17 @@ from typing import Any
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).with_name("server")))  # the server tests' helpers
-from serving_helpers import TOKENS, Bundles, export_bundles, instance, make_repo
-from test_e2e_server import PREDICT, Server
-
+from loadtest.bench.process import ServerProcess
 from models.schema import criteo_schema
 from server.model_channel import CHANNEL, read_current
 from server.redis_store import format_dense, load_features
-from tests.redis_util import RedisServer
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.serving import TOKENS, Bundles, export_bundles, instance, make_repo, serve
+from tests.helpers.traffic import PREDICT, WAIT_S, Outcome, Traffic
 
 pytestmark = pytest.mark.redis
 
 STORE_TIMEOUT_MS = "100"  # LMA_FEATURE_STORE_TIMEOUT_MS of the servers below
-WAIT_S = 30.0  # hang guard of every wait for a state of the load; never reached when things work
 SWAP_BOUND_S = 5.0  # publish -> first answer of version 2 on each replica (measured 0.15-0.45 s; docs/REDIS.md)
 MIN_PER_STATE = 15  # requests of each kind observed in each state of Redis
 PAUSE_S = 0.01  # between two requests of one client: steady load that leaves CPU for the processes started under it
@@ -78,7 +75,7 @@ def feature_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 @pytest.fixture(scope="module")
 def feature_server(
     bundles: Bundles, feature_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[ServerProcess]:
     """One `lma serve` on the feature store, shared by the feature tests (each loads entities of its own).
 
     Handed over while it boots: each test calls ``wait_ready()`` when its own set-up is done.
@@ -86,7 +83,7 @@ def feature_server(
     root = tmp_path_factory.mktemp("feature-server")
     repo = make_repo(root / "repo", bundles.criteo_v1)
     url = feature_redis.url
-    server = Server(repo, root / "server.log", LMA_REDIS_URL=url, LMA_FEATURE_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS)
+    server = serve(repo, root / "server.log", LMA_REDIS_URL=url, LMA_FEATURE_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS)
     try:
         yield server
         assert server.stop() == 0
@@ -107,75 +104,10 @@ def predict(url: str, instances: list[dict[str, Any]]) -> httpx.Response:
     return httpx.post(f"{url}{PREDICT}", json={"instances": instances}, timeout=30)
 
 
-def stop_all(*processes: Server | None) -> None:
+def stop_all(*processes: ServerProcess | None) -> None:
     for p in processes:
         if p is not None:
             p.stop()
-
-
-# ----------------------------------------------------------------------------------------------
-# Load with timestamps
-
-
-@dataclass(frozen=True)
-class Outcome:
-    client: str  # the label of the client thread
-    thread: int  # which thread
-    i: int  # the thread's request number, from 0
-    sent: float  # time.monotonic() before the request
-    done: float  # time.monotonic() once its answer was read
-    status: int  # -1: transport error
-    body: dict[str, Any]
-    retry_after: str | None
-
-
-@dataclass
-class Traffic:
-    """Client threads posting one request after another until the block ends; every outcome is kept with its times.
-
-    ``clients``: (label, server url, i -> instances of request number i) per thread.
-    """
-
-    clients: Sequence[tuple[str, str, Callable[[int], list[dict[str, Any]]]]]
-    outcomes: list[Outcome] = field(default_factory=list)  # appended by the threads (list.append is atomic)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> Traffic:
-        for n, (label, url, instances) in enumerate(self.clients):
-            t = threading.Thread(target=self._run, args=(n, label, url, instances), daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
-
-    def _run(self, n: int, label: str, url: str, instances: Callable[[int], list[dict[str, Any]]]) -> None:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                sent = time.monotonic()
-                try:
-                    r = client.post(PREDICT, json={"instances": instances(i)})
-                    status, body, retry_after = r.status_code, r.json(), r.headers.get("retry-after")
-                except httpx.TransportError as e:
-                    status, body, retry_after = -1, {"error": repr(e)}, None
-                done = Outcome(label, n, i, sent, time.monotonic(), status, body, retry_after)
-                self.outcomes.append(done)
-                i += 1
-                self._stop.wait(PAUSE_S)
-
-    def of(self, client: str, sent_after: float = -math.inf) -> list[Outcome]:
-        return [o for o in list(self.outcomes) if o.client == client and o.sent > sent_after]
-
-    def wait(self, what: str, condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while not condition():
-            assert time.monotonic() < deadline, f"the load did not reach this state in {WAIT_S:g} s: {what}"
-            time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +133,7 @@ def raw_instance(row: list[str]) -> dict[str, Any]:
 
 
 def test_features_loaded_by_the_cli_score_exactly_like_the_raw_row(
-    feature_redis: RedisServer, feature_server: Server, tmp_path: Path
+    feature_redis: RedisServer, feature_server: ServerProcess, tmp_path: Path
 ) -> None:
     assert all(len(row) == 40 for row in CRITEO_ROWS)
     tsv = tmp_path / "day.tsv"
@@ -283,7 +215,7 @@ def load_entities(url: str) -> None:
 
 
 def test_redis_down_fails_only_entity_requests_and_the_server_recovers_by_itself(
-    feature_redis: RedisServer, feature_server: Server
+    feature_redis: RedisServer, feature_server: ServerProcess
 ) -> None:
     redis_server, server = feature_redis, feature_server
     load_entities(redis_server.url)
@@ -294,7 +226,7 @@ def test_redis_down_fails_only_entity_requests_and_the_server_recovers_by_itself
     entity = lambda i: [{"entity": ENTITIES[i % len(ENTITIES)]}]  # noqa: E731
     clients = [("plain", server.url, plain)] * 2 + [("entity", server.url, entity)] * 2
     timeline = Timeline(["up"])
-    with Traffic(clients) as load:
+    with Traffic(clients, pause_s=PAUSE_S) as load:
 
         def settled(since: float) -> bool:  # enough requests of each kind sent after `since`
             return min(len(load.of("plain", since)), len(load.of("entity", since))) >= MIN_PER_STATE
@@ -364,8 +296,8 @@ def test_publish_swaps_every_replica_under_load_without_a_failed_request(
     # (Version 2 was exported by the fixture: the test copies it in, which takes no CPU from the load.)
     image = make_repo(tmp_path / "image", bundles.criteo_v1)
     artifacts = make_repo(tmp_path / "artifacts", bundles.criteo_v1)
-    replicas = [Server(image, tmp_path / f"replica-{k}.log", LMA_REDIS_URL=redis_server.url) for k in range(2)]
-    late: Server | None = None
+    replicas = [serve(image, tmp_path / f"replica-{k}.log", LMA_REDIS_URL=redis_server.url) for k in range(2)]
+    late: ServerProcess | None = None
     try:
         for server in replicas:
             server.wait_ready()
@@ -377,7 +309,7 @@ def test_publish_swaps_every_replica_under_load_without_a_failed_request(
 
         one = lambda i: [instance(i)]  # noqa: E731
         clients = [(f"replica-{k}", s.url, one) for k, s in enumerate(replicas) for _ in range(2)]
-        with Traffic(clients) as load:
+        with Traffic(clients, pause_s=PAUSE_S) as load:
             names = [f"replica-{k}" for k in range(2)]
 
             def answered_by_all(version: str, n: int) -> bool:
@@ -390,7 +322,7 @@ def test_publish_swaps_every_replica_under_load_without_a_failed_request(
             # published_at is the publisher's time.time(); make it comparable with the outcomes' clock
             published_mono = published.published_at - (time.time() - time.monotonic())
             load.wait("version 2 served", lambda: answered_by_all("2", 1))
-            late = Server(image, tmp_path / "replica-late.log", LMA_REDIS_URL=redis_server.url)  # boots meanwhile
+            late = serve(image, tmp_path / "replica-late.log", LMA_REDIS_URL=redis_server.url)  # boots meanwhile
             load.wait("version 2 served a while", lambda: answered_by_all("2", MIN_PER_STATE))
 
         path = artifacts / "criteo" / "2"
@@ -432,7 +364,7 @@ def test_publish_swaps_every_replica_under_load_without_a_failed_request(
         stop_all(*replicas, late)
 
 
-def loaded_versions(server: Server) -> list[tuple[str, str]]:
+def loaded_versions(server: ServerProcess) -> list[tuple[str, str]]:
     """(version, reason) of each model load in the server's log, in order."""
     return [(e["version"], e["reason"]) for e in server.logs() if e["msg"].startswith("model loaded")]
 
@@ -474,7 +406,7 @@ def test_a_forged_signature_published_under_load_is_rejected_without_a_failed_re
     good = make_repo(tmp_path / "signed", bundles.criteo_v2) / "criteo" / "2"
     signer.sign(good)
     forged = forge_signed(good, artifacts / "2")
-    server = Server(image, tmp_path / "server.log", LMA_REDIS_URL=redis_server.url, LMA_TRUSTED_KEYS=str(public))
+    server = serve(image, tmp_path / "server.log", LMA_REDIS_URL=redis_server.url, LMA_TRUSTED_KEYS=str(public))
     try:
         server.wait_ready()
         r = redis_server.client()
@@ -483,7 +415,7 @@ def test_a_forged_signature_published_under_load_is_rejected_without_a_failed_re
             assert time.monotonic() < deadline, r.pubsub_numsub(CHANNEL)
             time.sleep(0.05)
         one = lambda i: [instance(i)]  # noqa: E731
-        with Traffic([("load", server.url, one)] * 2) as load:
+        with Traffic([("load", server.url, one)] * 2, pause_s=PAUSE_S) as load:
             load.wait("version 1 served", lambda: len(load.of("load")) >= MIN_PER_STATE)
             lma("publish", str(forged), "--redis", redis_server.url)  # a publisher that checks no signature
             load.wait(

@@ -89,12 +89,14 @@ class ServerProcess:
         raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s; end of {self.log}:\n{self.tail()}")
 
     def tail(self, chars: int = 3000) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")[-chars:]
 
     def logs(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
 
     def metric(self, name: str, **labels: str) -> float:
@@ -109,7 +111,11 @@ class ServerProcess:
         return 0.0
 
     def stop(self, terminate: bool = True, timeout_s: float = 60.0) -> int:
-        """Stop with SIGTERM (``terminate=False``: only wait) and return the exit status; killed if it hangs."""
+        """Stop with SIGTERM (``terminate=False``: only wait) and return the exit status; killed if it hangs.
+
+        Stopping a stopped server returns its exit status again."""
+        if self.returncode is not None:
+            return self.returncode
         if self.proc.poll() is None and terminate:
             self.proc.send_signal(signal.SIGTERM)
         try:

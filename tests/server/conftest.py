@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import Bundles, export_bundles, export_full_bundle, settings_for
 
 from export.bundle import Bundle
 from server.app import build_app
+from tests.helpers.serving import Bundles, export_bundles, export_full_bundle, settings_for
 
 
 @pytest.fixture(scope="session")

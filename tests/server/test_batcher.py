@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
-from serving_helpers import Bundles
 
 from server.batcher import Batcher
 from server.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from server.metrics import Metrics
 from server.runtimes import OnnxRuntime, Runtime
 from server.types import Batch, Scores
+from tests.helpers.serving import Bundles
 
 POISON = 424242  # a key that makes PoisonRuntime fail the whole batch it is in
 FAR = 60_000.0  # ms: a wait that never ends within a test; flushes must come from elsewhere

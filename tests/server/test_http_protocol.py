@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from serving_helpers import Bundles, LiveServer, instance, make_repo, settings_for
 
 from server.app import build_app
+from tests.helpers.serving import Bundles, LiveServer, instance, make_repo, settings_for
 
 PREDICT = "/v1/models/criteo:predict"
 

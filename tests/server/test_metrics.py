@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import Bundles, direct_scores, instance, make_repo, settings_for
 
 from server.app import build_app
 from server.metrics import memory_parts
+from tests.helpers.serving import Bundles, direct_scores, instance, make_repo, settings_for
 
 ROUTE = "/v1/models/{name}:predict"
 

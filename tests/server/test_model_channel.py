@@ -32,7 +32,7 @@ from server.model_channel import (
 )
 from server.registry import ModelRegistry
 from server.settings import Settings
-from tests.redis_util import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

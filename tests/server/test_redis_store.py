@@ -23,7 +23,7 @@ from server.redis_store import (
     load_features,
     redact_url,
 )
-from tests.redis_util import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ADMIN_TOKEN, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
 
 from server.app import build_app
 from server.engine import Engine, Prediction
 from server.features import InMemoryFeatureStore
 from server.metrics import Metrics
 from server.registry import ModelRegistry
+from tests.helpers.serving import ADMIN_TOKEN, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 RELOAD = "/v1/models/criteo:reload"

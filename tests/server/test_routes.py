@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import TOKENS, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
 
 from server.app import build_app
+from tests.helpers.serving import TOKENS, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
 
 PREDICT = "/v1/models/criteo:predict"
 

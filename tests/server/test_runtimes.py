@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serving_helpers import Bundles
 
 from export.bundle import Bundle
 from server.runtimes import (
@@ -17,6 +16,7 @@ from server.runtimes import (
     resolve_device,
 )
 from server.types import Batch
+from tests.helpers.serving import Bundles
 
 
 def batch_for(bundle: Bundle, n: int = 33, seed: int = 0) -> Batch:

@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 from fastapi.testclient import TestClient
-from serving_helpers import Bundles, instance
 
 from models.extras import EXTRA_MODULES
+from tests.helpers.serving import Bundles, instance
 
 SCRIPT = """
 import json, sys

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from serving_helpers import ADMIN_TOKEN, Bundles, instance, make_repo, settings_for
 
 from export.bundle import SIGNATURE_FILE
 from export.signing import BundleSigner, check_public_key_file, generate_key_pair, key_id
@@ -26,6 +25,7 @@ from server.features import InMemoryFeatureStore
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.settings import load_settings
+from tests.helpers.serving import ADMIN_TOKEN, Bundles, instance, make_repo, settings_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 RELOAD = "/v1/models/criteo:reload"

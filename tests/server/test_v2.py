@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import Bundles, LiveServer, as_float32, direct_scores, instance, settings_for
 from tritonclient.utils import InferenceServerException
 
 from server.app import build_app
+from tests.helpers.serving import Bundles, LiveServer, as_float32, direct_scores, instance, settings_for
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Helpers of the server tests (imported by tests/server/conftest.py and tests/test_e2e_server.py).
+"""Helpers of the serving tests: tiny exported bundles, valid instances, in-thread and process servers.
 
 Tiny run folders are made the way ``lma train`` writes them, with filled tables (signature table /
 vocabulary index) for the raw tokens ``t0``..``t49`` of every field, and exported with
@@ -8,7 +8,6 @@ vocabulary index) for the raw tokens ``t0``..``t49`` of every field, and exporte
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 
 from export.bundle import Bundle
 from export.exporter import export_run
+from loadtest.bench.process import ServerProcess, free_port, lma_serve_command
 from models.schema import FeatureSchema, avazu_schema, criteo_schema, transform_dense
 from server.runtimes import OnnxRuntime
 from server.settings import Settings
@@ -76,12 +76,6 @@ def instance(i: int = 0, n_dense: int = 13, n_fields: int = 26) -> dict[str, Any
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LiveServer:
     """A real uvicorn server (the server's HTTP protocol, uvloop) on a free port, in a background thread."""
 
@@ -135,3 +129,10 @@ def direct_scores(bundle: Bundle, instances: list[dict[str, Any]]) -> Scores:
 
 def as_float32(predictions: list[float]) -> np.ndarray:
     return np.array(predictions, dtype=np.float64).astype(np.float32)
+
+
+def serve(model_dir: Path, log: Path, workers: int = 1, **env: str) -> ServerProcess:
+    """``lma serve model_dir`` as a real process (loadtest.bench.ServerProcess: the one way tests and benchmarks
+    start a server), with the admin token of these tests, one runtime thread, and ``env`` on top."""
+    settings = {"LMA_ADMIN_TOKEN": ADMIN_TOKEN, "LMA_INTRA_OP_THREADS": "1", **env}
+    return ServerProcess(lambda port: lma_serve_command(model_dir, port, workers), settings, log)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +19,6 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).with_name("server")))  # the server tests' helpers
-from serving_helpers import make_run
 
 from export.bundle import load_bundle
 from export.exporter import export_run
@@ -35,6 +31,7 @@ from server.batcher import Batcher
 from server.metrics import Metrics
 from server.runtimes import OnnxRuntime
 from server.types import Batch, Scores
+from tests.helpers.serving import make_run
 
 PREDICT = "/v1/models/criteo:predict"
 ROUTE = "/v1/models/{name}:predict"

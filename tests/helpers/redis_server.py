@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from types import TracebackType
 
 import pytest
 import redis
+
+from loadtest.bench.process import free_port
 
 START_TIMEOUT_S = 10.0
 
@@ -43,13 +44,6 @@ def redis_server_binary() -> str:
             pytrace=False,
         )
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

@@ -8,10 +8,8 @@ subprocess (`locust --list`, a headless run); this process imports `loadtest.pay
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from loadtest.payloads import (
 )
 from models.schema import AVAZU_CATEGORICAL, CRITEO_CATEGORICAL, CRITEO_DENSE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 USERS = ("SingleSampleUser", "BatchUser", "V2InferUser", "FeatureStoreUser")
 HEX = [f"{0x68FD1E64 + 7919 * i:08x}" for i in range(26)]
@@ -238,49 +236,20 @@ def test_response_checks() -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`lma serve` (a real process) over a tiny exported LMA model on the Criteo schema, with the in-memory
     feature store loaded from the load test's feature CSV; yields (base URL, replayed data file)."""
-    sys.path.insert(0, str(ROOT / "tests" / "server"))
-    from serving_helpers import free_port, make_run
-
     from export.exporter import export_run
     from models.schema import criteo_schema
+    from tests.helpers.serving import make_run, serve
 
     root = tmp_path_factory.mktemp("loadtest")
     data = root / "data.tsv"
     subprocess.run([sys.executable, "-m", "models.main", "synth", "--rows", "300", "--out", str(data)], check=True)
     export_run(make_run(root / "run", "lma", criteo_schema(0), 0), root / "repo" / "criteo")
     features = write_feature_csv(read_rows(data, "criteo"), 100, root / "features.csv")
-    port = free_port()
-    env = locust_env(
-        LMA_FEATURE_STORE_PATH=str(features), LMA_REDIS_URL="", LMA_WATCH_INTERVAL_S="0", LMA_INTRA_OP_THREADS="1",
-        LMA_ACCESS_LOG="false",
-    )  # fmt: skip
-    log = root / "server.log"
-    with log.open("wb") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "models.main", "serve", str(root / "repo"), "--port", str(port)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.2)
-        yield url, data
-    finally:
-        server.terminate()  # SIGTERM: drain, then exit (uvicorn re-raises the signal once shut down)
-        try:
-            assert server.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-4000:]
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+    settings = {"LMA_FEATURE_STORE_PATH": str(features), "LMA_REDIS_URL": "", "LMA_WATCH_INTERVAL_S": "0"}
+    with serve(root / "repo", root / "server.log", LMA_ACCESS_LOG="false", **settings) as server:
+        server.wait_ready(timeout_s=120)
+        yield server.url, data
+        assert server.stop() == 0, server.tail()
 
 
 @pytest.mark.slow
