@@ -39,7 +39,11 @@ import numpy as np
 import torch
 
 from export.bundle import Bundle
-from export.exporter import export_onnx, export_run, key_table, onnx_session
+from export.contract import DENSE_INPUT, KEYS_INPUT
+from export.exporter import export_run
+from export.graphs import export_onnx
+from export.onnx_runtime import cpu_session, session_options
+from export.tables import key_table
 from models.checkpoint import RunConfig, build_model, load_run, save_run
 from models.dlrm import PRESETS, DLRMConfig
 from models.embeddings import EmbeddingConfig
@@ -145,35 +149,42 @@ def runtimes(bundle: Bundle, threads: int, extra_onnx: dict[str, Path]) -> dict[
         return score
 
     def onnx_scorer(session: Any) -> Callable[..., Any]:
-        return lambda dense, keys: session.run(None, {"dense": dense, "keys": keys})
+        return lambda dense, keys: session.run(None, {DENSE_INPUT: dense, KEYS_INPUT: keys})
 
     scorers["eager"] = torch_scorer(model)
     scorers["torchscript"] = torch_scorer(scripted)
-    scorers["onnx"] = onnx_scorer(onnx_session(bundle.file("onnx"), threads))
+    scorers["onnx"] = onnx_scorer(cpu_session(bundle.file("onnx"), threads))
     for name, path in extra_onnx.items():
-        scorers[f"onnx-{name}"] = onnx_scorer(onnx_session(path, threads))
+        scorers[f"onnx-{name}"] = onnx_scorer(cpu_session(path, threads))
     return scorers
 
 
-def profile_onnx(path: Path, threads: int, dense: np.ndarray, keys: np.ndarray, calls: int = 30) -> dict[str, float]:
-    """Share of ONNX Runtime's kernel time per op type over ``calls`` runs."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+def profile_onnx(path: Path, threads: int, dense: np.ndarray, keys: np.ndarray, calls: int = 30) -> dict[str, Any]:
+    """ONNX Runtime's kernel time per op type and per node over ``calls`` runs (the server's session options plus
+    profiling): the share of each op type, microseconds per run of the costliest nodes, and the node count."""
+    opts = session_options(threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "lma-ort-profile")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, options=opts)
     for _ in range(calls):
-        session.run(None, {"dense": dense, "keys": keys})
+        session.run(None, {DENSE_INPUT: dense, KEYS_INPUT: keys})
     trace = Path(session.end_profiling())
     per_op: dict[str, float] = defaultdict(float)
+    per_node: dict[str, float] = defaultdict(float)
     for event in json.loads(trace.read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             per_op[event["args"]["op_name"]] += event["dur"]
+            per_node[f"{event['args']['op_name']} {event['name'].removesuffix('_kernel_time')}"] += event["dur"]
     trace.unlink()
     total = sum(per_op.values()) or 1.0
-    return {op: us / total for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    top = sorted(per_node.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "calls": calls,
+        "kernel_us_per_run": total / calls,
+        "nodes_run": len(per_node),
+        "op_share": {op: us / total for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])},
+        "top_nodes_us": {name: us / calls for name, us in top},
+    }
 
 
 def build_and_export(kind: str, args: argparse.Namespace, tokens: np.ndarray, work: Path) -> dict[str, Any]:
@@ -242,9 +253,11 @@ def measure(
                         }
                     log.info("round %d %s %s b%d: %.3f ms", round_, r["kind"], name, batch, med * 1e3)
     if args.profile:
-        dense, keys = rows[max(args.batch_sizes)]
         for r in results:
-            r["onnx_profile"] = profile_onnx(r["bundle"].file("onnx"), args.threads, dense, keys)
+            r["onnx_profile"] = {
+                batch: profile_onnx(r["bundle"].file("onnx"), args.threads, dense, keys, calls=max(30, 30_000 // batch))
+                for batch, (dense, keys) in rows.items()
+            }
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -283,9 +296,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 cells += [f"{s['samples_per_s'] / f['samples_per_s']:.2f}", f"{f['cpu_ms'] / s['cpu_ms']:.2f}"]
         lines.append(f"| {first['runtime']} | {first['batch']} | " + " | ".join(cells) + " |")
     for r in results:
-        if "onnx_profile" in r:
-            top = ", ".join(f"{op} {share:.0%}" for op, share in list(r["onnx_profile"].items())[:8])
-            lines.append(f"\nONNX Runtime time by op type, {r['kind']}, batch {max(args.batch_sizes)}: {top}")
+        for batch, prof in r.get("onnx_profile", {}).items():
+            top = ", ".join(f"{op} {share:.0%}" for op, share in list(prof["op_share"].items())[:8])
+            lines.append(
+                f"\nONNX Runtime profile, {r['kind']}, batch {batch}: {prof['nodes_run']} nodes,"
+                f" {prof['kernel_us_per_run']:,.0f} us of kernel time per run; by op type: {top}"
+            )
     return "\n".join(lines)
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.contract import RUNTIME_FILES  # runtime -> file name (re-exported: export.bundle.RUNTIME_FILES)
 from models.schema import FeatureSchema
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-RUNTIME_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}  # runtime -> file name
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REQUIRED = ("name", "version", "schema", "files", "memory", "inputs", "outputs")
 

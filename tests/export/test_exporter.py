@@ -14,8 +14,12 @@ import torch
 from onnx import numpy_helper
 
 import export.exporter as exporter
+import export.graphs
 from export.bundle import RUNTIME_FILES, Bundle, load_bundle
-from export.exporter import ParityError, data_cases, export_run, next_version, onnx_session, script_model
+from export.exporter import ParityError, export_run, next_version
+from export.graphs import script_model
+from export.onnx_runtime import cpu_session
+from export.parity import data_cases
 from models.checkpoint import memory_accounting, save_run
 from models.schema import KEY_MASK, FeatureSchema, transform_dense
 
@@ -39,7 +43,7 @@ def _inputs(run: TinyRun, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 def _score_all(bundle: Bundle, run: TinyRun, dense: np.ndarray, keys: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
     ts = torch.jit.load(str(bundle.file("torchscript")))
-    session = onnx_session(bundle.file("onnx"), threads=1)
+    session = cpu_session(bundle.file("onnx"), threads=1)
     d, k = torch.from_numpy(dense), torch.from_numpy(keys)
     with torch.inference_mode():
         eager = tuple(t.numpy() for t in run.model(d, k))
@@ -306,7 +310,7 @@ def test_large_graphs_keep_weights_in_one_external_file(
     which the manifest checksums like every other file and Triton gets a copy of."""
     from export.triton import write_triton
 
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(export.graphs, "EXTERNAL_DATA_BYTES", 1000)
     run = tiny_runs["full"]
     bundle = export_run(run.run_dir, tmp_path / "m", triton=tmp_path / "triton")
     assert sorted(bundle.manifest["files"]) == ["model.onnx", "model.onnx.data", "model.ts"]
@@ -317,7 +321,7 @@ def test_large_graphs_keep_weights_in_one_external_file(
     np.testing.assert_allclose(out["onnx"][0], out["eager"][0], rtol=0, atol=1e-6)
     triton_dir = tmp_path / "triton" / "m" / "1"
     assert (triton_dir / "model.onnx.data").read_bytes() == (bundle.path / "model.onnx.data").read_bytes()
-    triton_out = onnx_session(triton_dir / "model.onnx", threads=1).run(None, {"dense": dense, "keys": keys})
+    triton_out = cpu_session(triton_dir / "model.onnx", threads=1).run(None, {"dense": dense, "keys": keys})
     np.testing.assert_array_equal(triton_out[0], out["onnx"][0])
     write_triton(bundle, tmp_path / "triton")  # rewriting an entry is fine
     data = bytearray((bundle.path / "model.onnx.data").read_bytes())

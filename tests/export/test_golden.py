@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.exporter import onnx_session
+from export.onnx_runtime import cpu_session
 from models import inthash
 from models.hashtable import StaticHashTable, bucket_hashes
 from models.schema import KEY_MASK
@@ -74,7 +74,7 @@ def _all_runtimes(module: nn.Module, keys: np.ndarray, tmp_path: Path) -> dict[s
     with torch.inference_mode():
         eager = tuple(t.numpy() for t in module(k))
         ts = tuple(t.numpy() for t in scripted(k))
-    ort = tuple(onnx_session(path, threads=1).run(None, {"keys": keys}))
+    ort = tuple(cpu_session(path, threads=1).run(None, {"keys": keys}))
     return {"eager": eager, "torchscript": ts, "onnx": ort}  # type: ignore[dict-item]
 
 
