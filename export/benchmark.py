@@ -1,6 +1,7 @@
 """Export cost and scoring speed: full vs lma, eager vs TorchScript vs ONNX Runtime, side by side.
 
     python -m export.benchmark --preset small --tokens 33762577 --kinds full,lma --threads 2 --out runs/bench
+    python -m export.benchmark ... --runtimes torchscript,onnx --baseline runs/bench-main/artifacts   # before/after
 
 For each embedding kind it builds a model of the preset whose tables have the size of a data set
 with ``--tokens`` distinct tokens (33,762,577 = Criteo Kaggle), fills them with synthetic keys the
@@ -12,7 +13,12 @@ the token ranks (rank 0 most frequent), plus ``--unseen`` random keys never seen
 dense values like Criteo's counts. Latency is the median of repeated calls (p99 too at batch 1),
 samples/s = batch / median; all (kind, runtime, batch) combinations are timed in interleaved rounds
 and the best round is kept, which keeps load from other processes from favouring one kind.
-``--profile`` adds ONNX Runtime's time per op type at the largest batch.
+``--profile`` adds ONNX Runtime's profile (node count, time per op type, costliest nodes) at each batch size.
+ONNX Runtime runs with the server's session options (:func:`export.onnx_runtime.session_options`).
+
+``--baseline DIR`` also times the bundles another build exported (``DIR/<kind>/<version>/``, e.g. the
+``artifacts`` folder a ``--keep`` run of that build left) in the same interleaved rounds, as runtimes
+``onnx-baseline`` and ``torchscript-baseline``: before/after numbers from one run, on the same rows.
 
 The numbers go in docs/EXPORT.md; no test asserts a time.
 """
@@ -38,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.bundle import Bundle
+from export.bundle import Bundle, BundleError, latest_bundles, load_bundle
 from export.contract import DENSE_INPUT, KEYS_INPUT
 from export.exporter import export_run
 from export.graphs import export_onnx
@@ -135,10 +141,18 @@ def time_calls(fn: Callable[[], object], min_seconds: float, min_calls: int = 5)
     return times, (time.process_time() - cpu) / len(times)
 
 
-def runtimes(bundle: Bundle, threads: int, extra_onnx: dict[str, Path]) -> dict[str, Callable[..., Any]]:
-    """name -> scorer(dense, keys) for eager, TorchScript and every ONNX graph."""
-    model, _ = load_run(Path(bundle.manifest["source_run"]))
-    scripted = torch.jit.load(str(bundle.file("torchscript")))
+RUNTIME_CHOICES = ("eager", "torchscript", "onnx")
+
+
+def runtimes(
+    bundle: Bundle,
+    threads: int,
+    extra_onnx: dict[str, Path],
+    names: tuple[str, ...] = RUNTIME_CHOICES,
+    baseline: Bundle | None = None,
+) -> dict[str, Callable[..., Any]]:
+    """name -> scorer(dense, keys) for the runtimes in ``names``, every extra ONNX graph, and the
+    TorchScript and ONNX graphs of a ``baseline`` bundle (``<runtime>-baseline``)."""
     scorers: dict[str, Callable[..., Any]] = {}
 
     def torch_scorer(m: Any) -> Callable[..., Any]:
@@ -151,11 +165,18 @@ def runtimes(bundle: Bundle, threads: int, extra_onnx: dict[str, Path]) -> dict[
     def onnx_scorer(session: Any) -> Callable[..., Any]:
         return lambda dense, keys: session.run(None, {DENSE_INPUT: dense, KEYS_INPUT: keys})
 
-    scorers["eager"] = torch_scorer(model)
-    scorers["torchscript"] = torch_scorer(scripted)
-    scorers["onnx"] = onnx_scorer(cpu_session(bundle.file("onnx"), threads))
-    for name, path in extra_onnx.items():
-        scorers[f"onnx-{name}"] = onnx_scorer(cpu_session(path, threads))
+    if "eager" in names:
+        scorers["eager"] = torch_scorer(load_run(Path(bundle.manifest["source_run"]))[0])
+    for label, graphs in (("", bundle), ("-baseline", baseline)):
+        if graphs is None:
+            continue
+        if "torchscript" in names:
+            scorers[f"torchscript{label}"] = torch_scorer(torch.jit.load(str(graphs.file("torchscript"))))
+        if "onnx" in names:
+            scorers[f"onnx{label}"] = onnx_scorer(cpu_session(graphs.file("onnx"), threads))
+    if "onnx" in names:
+        for name, path in extra_onnx.items():
+            scorers[f"onnx-{name}"] = onnx_scorer(cpu_session(path, threads))
     return scorers
 
 
@@ -230,7 +251,10 @@ def measure(
     """Phase 2: every (kind, runtime, batch) timed in interleaved rounds; the best round's median is kept,
     so a burst of load from other processes hits one round, not one kind."""
     if scorers is None:
-        scorers = {r["kind"]: runtimes(r["bundle"], args.threads, r["extra_onnx"]) for r in results}
+        scorers = {
+            r["kind"]: runtimes(r["bundle"], args.threads, r["extra_onnx"], args.runtimes, r.get("baseline"))
+            for r in results
+        }
     rows = {b: draw_rows(tokens, b, args.zipf, args.unseen, seed=b) for b in args.batch_sizes}
     for round_ in range(args.rounds):
         for batch, (dense, keys) in rows.items():
@@ -255,7 +279,7 @@ def measure(
     if args.profile:
         for r in results:
             r["onnx_profile"] = {
-                batch: profile_onnx(r["bundle"].file("onnx"), args.threads, dense, keys, calls=max(30, 30_000 // batch))
+                batch: profile_onnx(r["bundle"].file("onnx"), args.threads, dense, keys, calls=max(20, 2_000 // batch))
                 for batch, (dense, keys) in rows.items()
             }
 
@@ -295,6 +319,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 s = r["speed"][key]
                 cells += [f"{s['samples_per_s'] / f['samples_per_s']:.2f}", f"{f['cpu_ms'] / s['cpu_ms']:.2f}"]
         lines.append(f"| {first['runtime']} | {first['batch']} | " + " | ".join(cells) + " |")
+    if any("baseline" in r for r in results):
+        lines += _baseline_table(results, full)
     for r in results:
         for batch, prof in r.get("onnx_profile", {}).items():
             top = ", ".join(f"{op} {share:.0%}" for op, share in list(prof["op_share"].items())[:8])
@@ -303,6 +329,28 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f" {prof['kernel_us_per_run']:,.0f} us of kernel time per run; by op type: {top}"
             )
     return "\n".join(lines)
+
+
+def _baseline_table(results: list[dict[str, Any]], full: dict[str, Any] | None) -> list[str]:
+    """samples/s of this build over the baseline's, per kind, runtime and batch size; and of each other kind
+    over the baseline's full model (the ratio the baseline's own table would have shown for this build)."""
+    others = [r for r in results if r is not full]
+    header = "| runtime | batch | " + " | ".join(f"{r['kind']} this/baseline" for r in results)
+    if full is not None:
+        header += "".join(f" | {r['kind']} this / full baseline" for r in others)
+    lines = ["", "Against the baseline build (same rows, same rounds):", "", header + " |"]
+    lines.append("|---|---:|" + "---:|" * (len(results) + (len(others) if full is not None else 0)))
+    for key, first in results[0]["speed"].items():
+        if first["runtime"] not in ("onnx", "torchscript"):
+            continue
+        base_key = f"{first['runtime']}-baseline/b{first['batch']}"
+        cells = [f"{r['speed'][key]['samples_per_s'] / r['speed'][base_key]['samples_per_s']:.2f}" for r in results]
+        if full is not None:
+            cells += [
+                f"{r['speed'][key]['samples_per_s'] / full['speed'][base_key]['samples_per_s']:.2f}" for r in others
+            ]
+        lines.append(f"| {first['runtime']} | {first['batch']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -319,14 +367,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of key ranks")
     p.add_argument("--unseen", type=float, default=0.05, help="share of keys never seen in training")
     p.add_argument("--onnx-exporters", default="legacy", help="also time graphs of these exporters: legacy,dynamo")
-    p.add_argument("--profile", action="store_true", help="ONNX Runtime time per op type")
+    p.add_argument("--runtimes", default=",".join(RUNTIME_CHOICES), help="comma-separated: eager, torchscript, onnx")
+    p.add_argument(
+        "--baseline", type=Path, default=None, metavar="DIR", help="also time another build's bundles DIR/<kind>/<v>"
+    )
+    p.add_argument("--profile", action="store_true", help="ONNX Runtime profile at each batch size")
     p.add_argument("--out", type=Path, default=None, help="folder for the work files and benchmark.json/.md")
     p.add_argument("--keep", action="store_true", help="keep the run folders and bundles")
     args = p.parse_args(argv)
     args.kinds = [k for k in args.kinds.split(",") if k]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     args.onnx_exporters = [e for e in args.onnx_exporters.split(",") if e]
+    args.runtimes = tuple(r for r in args.runtimes.split(",") if r)
+    unknown = sorted(set(args.runtimes) - set(RUNTIME_CHOICES))
+    if unknown or not args.runtimes:
+        p.error(f"--runtimes: choose from {', '.join(RUNTIME_CHOICES)}, got {args.runtimes}")
     return args
+
+
+def baseline_bundles(folder: Path, kinds: list[str]) -> dict[str, Bundle]:
+    """kind -> the latest bundle of ``folder/<kind>/`` (a --keep run's artifacts); every kind must have one."""
+    found = latest_bundles(folder)
+    missing = [k for k in kinds if k not in found]
+    if missing:
+        raise BundleError(f"{folder}: no baseline bundle for {missing} (found {sorted(found)})")
+    return {k: load_bundle(found[k]) for k in kinds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,11 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = args.out or Path(tempfile.mkdtemp(prefix="lma-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    baselines = baseline_bundles(args.baseline, args.kinds) if args.baseline else {}
     tokens = token_universe(args.tokens)
     results = [build_and_export(kind, args, tokens, work) for kind in args.kinds]
+    for r in results:
+        if r["kind"] in baselines:
+            r["baseline"] = baselines[r["kind"]]
     measure(results, args, tokens)
     text = report(results, args)
     for r in results:
+        r.pop("baseline", None)
         del r["bundle"], r["extra_onnx"]
     if not args.keep:
         for sub in ("runs", "artifacts", *args.onnx_exporters):
