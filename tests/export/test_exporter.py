@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -273,6 +274,45 @@ def test_bad_run_folder_is_a_clear_error(tmp_path: Path) -> None:
         export_run(tmp_path / "nope", tmp_path / "m")
     with pytest.raises(ValueError, match="model name"):
         export_run(tmp_path / "nope", tmp_path / ".hidden")
+
+
+@pytest.mark.parametrize("kind", ["hash", "lma"])
+def test_run_of_another_location_scheme_is_refused(
+    kind: str, tmp_path: Path, schemas: dict[str, FeatureSchema], make_tiny_run: Callable[..., TinyRun]
+) -> None:
+    """A run folder written before location schemes were recorded (lma-locations-v1) is refused, naming both
+    schemes: its shared memory was trained for other rows, so exporting it would silently score garbage."""
+    run = make_tiny_run(tmp_path / "run", kind, schemas["lma"], seed=3)
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["embedding"]["location_scheme"] == "lma-locations-v2"
+    del config["embedding"]["location_scheme"]
+    (run.run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"location_scheme 'lma-locations-v1' is not supported: this build computes"
+                                         r" LMA block locations with 'lma-locations-v2'.*retrain it"):  # fmt: skip
+        export_run(run.run_dir, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    config["embedding"]["location_scheme"] = "lma-locations-v3"
+    (run.run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: location_scheme 'lma-locations-v3' is not supported"):
+        export_run(run.run_dir, tmp_path / "m")
+
+
+def test_bundles_do_not_depend_on_the_location_scheme(bundles: dict[str, Bundle], tmp_path: Path) -> None:
+    """A bundle is self-contained: one whose manifest predates location schemes (no location_scheme entry)
+    loads and its graph scores exactly as before; the scheme is recorded in the embedding entry."""
+    bundle = bundles["lma"]
+    assert bundle.manifest["embedding"]["location_scheme"] == "lma-locations-v2"
+    old = tmp_path / "old" / "1"
+    shutil.copytree(bundle.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["embedding"]["location_scheme"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_bundle(old)
+    keys = np.random.default_rng(4).integers(0, KEY_MASK, size=(5, 26), dtype=np.int64)
+    dense = np.zeros((5, 13), dtype=np.float32)
+    got = cpu_session(loaded.file("onnx")).run(None, {"dense": dense, "keys": keys})
+    want = cpu_session(bundle.file("onnx")).run(None, {"dense": dense, "keys": keys})
+    np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_loaded_bundle_equals_returned(bundles: dict[str, Bundle]) -> None:
