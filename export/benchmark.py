@@ -1,6 +1,7 @@
 """Export cost and scoring speed: full vs lma, eager vs TorchScript vs ONNX Runtime, side by side.
 
     python -m export.benchmark --preset small --tokens 33762577 --kinds full,lma --threads 2 --out runs/bench
+    python -m export.benchmark ... --runtimes torchscript,onnx --baseline runs/bench-main/artifacts   # before/after
 
 For each embedding kind it builds a model of the preset whose tables have the size of a data set
 with ``--tokens`` distinct tokens (33,762,577 = Criteo Kaggle), fills them with synthetic keys the
@@ -12,7 +13,12 @@ the token ranks (rank 0 most frequent), plus ``--unseen`` random keys never seen
 dense values like Criteo's counts. Latency is the median of repeated calls (p99 too at batch 1),
 samples/s = batch / median; all (kind, runtime, batch) combinations are timed in interleaved rounds
 and the best round is kept, which keeps load from other processes from favouring one kind.
-``--profile`` adds ONNX Runtime's time per op type at the largest batch.
+``--profile`` adds ONNX Runtime's profile (node count, time per op type, costliest nodes) at each batch size.
+ONNX Runtime runs with the server's session options (:func:`export.onnx_runtime.session_options`).
+
+``--baseline DIR`` also times the bundles another build exported (``DIR/<kind>/<version>/``, e.g. the
+``artifacts`` folder a ``--keep`` run of that build left) in the same interleaved rounds, as runtimes
+``onnx-baseline`` and ``torchscript-baseline``: before/after numbers from one run, on the same rows.
 
 The numbers go in docs/EXPORT.md; no test asserts a time.
 """
@@ -38,8 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.bundle import Bundle
-from export.exporter import export_onnx, export_run, key_table, onnx_session
+from export.bundle import Bundle, BundleError, latest_bundles, load_bundle
+from export.contract import DENSE_INPUT, KEYS_INPUT
+from export.exporter import export_run
+from export.graphs import export_onnx
+from export.onnx_runtime import cpu_session, session_options
+from export.tables import key_table
 from models.checkpoint import RunConfig, build_model, load_run, save_run
 from models.dlrm import PRESETS, DLRMConfig
 from models.embeddings import EmbeddingConfig
@@ -131,10 +141,18 @@ def time_calls(fn: Callable[[], object], min_seconds: float, min_calls: int = 5)
     return times, (time.process_time() - cpu) / len(times)
 
 
-def runtimes(bundle: Bundle, threads: int, extra_onnx: dict[str, Path]) -> dict[str, Callable[..., Any]]:
-    """name -> scorer(dense, keys) for eager, TorchScript and every ONNX graph."""
-    model, _ = load_run(Path(bundle.manifest["source_run"]))
-    scripted = torch.jit.load(str(bundle.file("torchscript")))
+RUNTIME_CHOICES = ("eager", "torchscript", "onnx")
+
+
+def runtimes(
+    bundle: Bundle,
+    threads: int,
+    extra_onnx: dict[str, Path],
+    names: tuple[str, ...] = RUNTIME_CHOICES,
+    baseline: Bundle | None = None,
+) -> dict[str, Callable[..., Any]]:
+    """name -> scorer(dense, keys) for the runtimes in ``names``, every extra ONNX graph, and the
+    TorchScript and ONNX graphs of a ``baseline`` bundle (``<runtime>-baseline``)."""
     scorers: dict[str, Callable[..., Any]] = {}
 
     def torch_scorer(m: Any) -> Callable[..., Any]:
@@ -145,35 +163,49 @@ def runtimes(bundle: Bundle, threads: int, extra_onnx: dict[str, Path]) -> dict[
         return score
 
     def onnx_scorer(session: Any) -> Callable[..., Any]:
-        return lambda dense, keys: session.run(None, {"dense": dense, "keys": keys})
+        return lambda dense, keys: session.run(None, {DENSE_INPUT: dense, KEYS_INPUT: keys})
 
-    scorers["eager"] = torch_scorer(model)
-    scorers["torchscript"] = torch_scorer(scripted)
-    scorers["onnx"] = onnx_scorer(onnx_session(bundle.file("onnx"), threads))
-    for name, path in extra_onnx.items():
-        scorers[f"onnx-{name}"] = onnx_scorer(onnx_session(path, threads))
+    if "eager" in names:
+        scorers["eager"] = torch_scorer(load_run(Path(bundle.manifest["source_run"]))[0])
+    for label, graphs in (("", bundle), ("-baseline", baseline)):
+        if graphs is None:
+            continue
+        if "torchscript" in names:
+            scorers[f"torchscript{label}"] = torch_scorer(torch.jit.load(str(graphs.file("torchscript"))))
+        if "onnx" in names:
+            scorers[f"onnx{label}"] = onnx_scorer(cpu_session(graphs.file("onnx"), threads))
+    if "onnx" in names:
+        for name, path in extra_onnx.items():
+            scorers[f"onnx-{name}"] = onnx_scorer(cpu_session(path, threads))
     return scorers
 
 
-def profile_onnx(path: Path, threads: int, dense: np.ndarray, keys: np.ndarray, calls: int = 30) -> dict[str, float]:
-    """Share of ONNX Runtime's kernel time per op type over ``calls`` runs."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+def profile_onnx(path: Path, threads: int, dense: np.ndarray, keys: np.ndarray, calls: int = 30) -> dict[str, Any]:
+    """ONNX Runtime's kernel time per op type and per node over ``calls`` runs (the server's session options plus
+    profiling): the share of each op type, microseconds per run of the costliest nodes, and the node count."""
+    opts = session_options(threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "lma-ort-profile")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, options=opts)
     for _ in range(calls):
-        session.run(None, {"dense": dense, "keys": keys})
+        session.run(None, {DENSE_INPUT: dense, KEYS_INPUT: keys})
     trace = Path(session.end_profiling())
     per_op: dict[str, float] = defaultdict(float)
+    per_node: dict[str, float] = defaultdict(float)
     for event in json.loads(trace.read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             per_op[event["args"]["op_name"]] += event["dur"]
+            per_node[f"{event['args']['op_name']} {event['name'].removesuffix('_kernel_time')}"] += event["dur"]
     trace.unlink()
     total = sum(per_op.values()) or 1.0
-    return {op: us / total for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    top = sorted(per_node.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "calls": calls,
+        "kernel_us_per_run": total / calls,
+        "nodes_run": len(per_node),
+        "op_share": {op: us / total for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])},
+        "top_nodes_us": {name: us / calls for name, us in top},
+    }
 
 
 def build_and_export(kind: str, args: argparse.Namespace, tokens: np.ndarray, work: Path) -> dict[str, Any]:
@@ -219,7 +251,10 @@ def measure(
     """Phase 2: every (kind, runtime, batch) timed in interleaved rounds; the best round's median is kept,
     so a burst of load from other processes hits one round, not one kind."""
     if scorers is None:
-        scorers = {r["kind"]: runtimes(r["bundle"], args.threads, r["extra_onnx"]) for r in results}
+        scorers = {
+            r["kind"]: runtimes(r["bundle"], args.threads, r["extra_onnx"], args.runtimes, r.get("baseline"))
+            for r in results
+        }
     rows = {b: draw_rows(tokens, b, args.zipf, args.unseen, seed=b) for b in args.batch_sizes}
     for round_ in range(args.rounds):
         for batch, (dense, keys) in rows.items():
@@ -242,9 +277,11 @@ def measure(
                         }
                     log.info("round %d %s %s b%d: %.3f ms", round_, r["kind"], name, batch, med * 1e3)
     if args.profile:
-        dense, keys = rows[max(args.batch_sizes)]
         for r in results:
-            r["onnx_profile"] = profile_onnx(r["bundle"].file("onnx"), args.threads, dense, keys)
+            r["onnx_profile"] = {
+                batch: profile_onnx(r["bundle"].file("onnx"), args.threads, dense, keys, calls=max(20, 2_000 // batch))
+                for batch, (dense, keys) in rows.items()
+            }
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -282,11 +319,38 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 s = r["speed"][key]
                 cells += [f"{s['samples_per_s'] / f['samples_per_s']:.2f}", f"{f['cpu_ms'] / s['cpu_ms']:.2f}"]
         lines.append(f"| {first['runtime']} | {first['batch']} | " + " | ".join(cells) + " |")
+    if any("baseline" in r for r in results):
+        lines += _baseline_table(results, full)
     for r in results:
-        if "onnx_profile" in r:
-            top = ", ".join(f"{op} {share:.0%}" for op, share in list(r["onnx_profile"].items())[:8])
-            lines.append(f"\nONNX Runtime time by op type, {r['kind']}, batch {max(args.batch_sizes)}: {top}")
+        for batch, prof in r.get("onnx_profile", {}).items():
+            top = ", ".join(f"{op} {share:.0%}" for op, share in list(prof["op_share"].items())[:8])
+            lines.append(
+                f"\nONNX Runtime profile, {r['kind']}, batch {batch}: {prof['nodes_run']} nodes,"
+                f" {prof['kernel_us_per_run']:,.0f} us of kernel time per run; by op type: {top}"
+            )
     return "\n".join(lines)
+
+
+def _baseline_table(results: list[dict[str, Any]], full: dict[str, Any] | None) -> list[str]:
+    """samples/s of this build over the baseline's, per kind, runtime and batch size; and of each other kind
+    over the baseline's full model (the ratio the baseline's own table would have shown for this build)."""
+    others = [r for r in results if r is not full]
+    header = "| runtime | batch | " + " | ".join(f"{r['kind']} this/baseline" for r in results)
+    if full is not None:
+        header += "".join(f" | {r['kind']} this / full baseline" for r in others)
+    lines = ["", "Against the baseline build (same rows, same rounds):", "", header + " |"]
+    lines.append("|---|---:|" + "---:|" * (len(results) + (len(others) if full is not None else 0)))
+    for key, first in results[0]["speed"].items():
+        if first["runtime"] not in ("onnx", "torchscript"):
+            continue
+        base_key = f"{first['runtime']}-baseline/b{first['batch']}"
+        cells = [f"{r['speed'][key]['samples_per_s'] / r['speed'][base_key]['samples_per_s']:.2f}" for r in results]
+        if full is not None:
+            cells += [
+                f"{r['speed'][key]['samples_per_s'] / full['speed'][base_key]['samples_per_s']:.2f}" for r in others
+            ]
+        lines.append(f"| {first['runtime']} | {first['batch']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -303,14 +367,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of key ranks")
     p.add_argument("--unseen", type=float, default=0.05, help="share of keys never seen in training")
     p.add_argument("--onnx-exporters", default="legacy", help="also time graphs of these exporters: legacy,dynamo")
-    p.add_argument("--profile", action="store_true", help="ONNX Runtime time per op type")
+    p.add_argument("--runtimes", default=",".join(RUNTIME_CHOICES), help="comma-separated: eager, torchscript, onnx")
+    p.add_argument(
+        "--baseline", type=Path, default=None, metavar="DIR", help="also time another build's bundles DIR/<kind>/<v>"
+    )
+    p.add_argument("--profile", action="store_true", help="ONNX Runtime profile at each batch size")
     p.add_argument("--out", type=Path, default=None, help="folder for the work files and benchmark.json/.md")
     p.add_argument("--keep", action="store_true", help="keep the run folders and bundles")
     args = p.parse_args(argv)
     args.kinds = [k for k in args.kinds.split(",") if k]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     args.onnx_exporters = [e for e in args.onnx_exporters.split(",") if e]
+    args.runtimes = tuple(r for r in args.runtimes.split(",") if r)
+    unknown = sorted(set(args.runtimes) - set(RUNTIME_CHOICES))
+    if unknown or not args.runtimes:
+        p.error(f"--runtimes: choose from {', '.join(RUNTIME_CHOICES)}, got {args.runtimes}")
     return args
+
+
+def baseline_bundles(folder: Path, kinds: list[str]) -> dict[str, Bundle]:
+    """kind -> the latest bundle of ``folder/<kind>/`` (a --keep run's artifacts); every kind must have one."""
+    found = latest_bundles(folder)
+    missing = [k for k in kinds if k not in found]
+    if missing:
+        raise BundleError(f"{folder}: no baseline bundle for {missing} (found {sorted(found)})")
+    return {k: load_bundle(found[k]) for k in kinds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,11 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = args.out or Path(tempfile.mkdtemp(prefix="lma-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    baselines = baseline_bundles(args.baseline, args.kinds) if args.baseline else {}
     tokens = token_universe(args.tokens)
     results = [build_and_export(kind, args, tokens, work) for kind in args.kinds]
+    for r in results:
+        if r["kind"] in baselines:
+            r["baseline"] = baselines[r["kind"]]
     measure(results, args, tokens)
     text = report(results, args)
     for r in results:
+        r.pop("baseline", None)
         del r["bundle"], r["extra_onnx"]
     if not args.keep:
         for sub in ("runs", "artifacts", *args.onnx_exporters):

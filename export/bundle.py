@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from export.contract import RUNTIME_FILES  # runtime -> file name (re-exported: export.bundle.RUNTIME_FILES)
 from models.schema import FeatureSchema
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "model.sig"  # the bundle's signature (Sigstore bundle JSON); not listed in the manifest
-RUNTIME_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}  # runtime -> file name
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REQUIRED = ("name", "version", "schema", "files", "memory", "inputs", "outputs")
 _MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; anything this large is not one

@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from export.contract import RUNTIMES
+
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
@@ -25,7 +27,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--workers", default="0,1", help="worker counts of the project's server (0: its default, one per core)"
     )
     p.add_argument("--reference", action="store_true", help="also measure the reference server side by side")
-    p.add_argument("--runtime", default="onnx", choices=("onnx", "torchscript"))
+    p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
     p.add_argument("--rounds", type=int, default=2, help="closed-loop rounds, servers alternating (default 2)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per request kind (default 1)")

@@ -8,12 +8,14 @@ servable graph sums its complement into the ``fallback_tokens`` output that feed
   OOV row per field), all fields in one table; keys reach rows through an in-graph
   :class:`~models.hashtable.StaticHashTable`.
 - :class:`SharedMemoryEmbedding` (``hash`` and ``lma``): all fields share ONE 1-D float array M.
-  Every token has a packed signature of ``num_hashes`` values of ``bits`` bits; block t of its
-  vector (``block_size`` = Z coordinates) reads row ``start`` of M viewed as (m // Z, Z), where ``start`` hashes the
-  ``per_block`` = K values picked for block t (DESIGN section 4, item 4). ``lma`` stores minhash
-  signatures of sampled tokens in a static hash table; every other token (and every token of the
-  ``hash`` kind, whose table is empty) gets a signature hashed from its key, i.e. ROBE-Z style
-  random hashing. So ``hash`` is exactly ``lma`` with an empty signature table.
+  Block t of a token's vector (``block_size`` = Z coordinates) reads row ``start_t`` of M viewed as
+  (m // Z, Z), where ``start_t`` hashes the ``per_block`` = K packed values picked for block t of the
+  token's signature (``num_hashes`` values of ``bits`` bits; DESIGN section 4, item 4;
+  :func:`models.inthash.block_rows`). ``lma`` stores minhash signatures of sampled tokens in a static
+  hash table; every other token (and every token of the ``hash`` kind, whose table is empty) gets a
+  signature hashed from its key, i.e. ROBE-Z style random hashing. So ``hash`` is exactly ``lma``
+  with an empty signature table. How locations are computed is versioned (``location_scheme``): a run trained with
+  another scheme is refused, never reinterpreted.
 
 Both are built from an :class:`EmbeddingConfig` plus sizes; the weights and tables are buffers, so a
 safetensors state dict restores them exactly.
@@ -21,7 +23,7 @@ safetensors state dict restores them exactly.
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, List  # noqa: UP035 (TorchScript reads typing.List)
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +35,8 @@ from models.names import EMBEDDING_KINDS as KINDS
 from models.names import SEMANTIC_MODES
 
 FLOAT_BYTES = 4
+# The per-block constants of inthash.block_rows, (T, 1, 1) buffers of a shared-memory embedding, in its argument order.
+BLOCK_HASH_BUFFERS = ("block_mask_hi", "block_mask_lo", "block_a", "block_b", "block_c")
 
 
 @dataclass
@@ -57,12 +61,15 @@ class EmbeddingConfig:
         min_count: a token needs this many sample occurrences for a stored signature (``lma``),
             or training occurrences for a vocabulary row (``full``).
         seed: seed of every hash parameter of the embedding.
+        location_scheme: how block locations are computed (:data:`models.inthash.LOCATION_SCHEME`);
+            ``hash`` and ``lma`` configs of another scheme are refused. A config without the entry was
+            written before schemes were recorded: :data:`models.inthash.LEGACY_LOCATION_SCHEME`.
     """
 
     kind: str = "lma"
     embedding_dim: int = 16
     compression: float = 16.0
-    block_size: int = 0  # 0: min(8, embedding_dim)
+    block_size: int = 0  # 0: gcd(8, embedding_dim)
     num_hashes: int = 15
     bits: int = 4
     per_block: int = 8
@@ -73,6 +80,7 @@ class EmbeddingConfig:
     semantic: str = "rows"
     min_count: int = 1
     seed: int = 0
+    location_scheme: str = inthash.LOCATION_SCHEME
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -96,10 +104,13 @@ class EmbeddingConfig:
                 f"per_block * bits must be >= 32 so a block has far more bucket keys than tokens,"
                 f" got {self.per_block}*{self.bits}"
             )
-        if self.per_block * 2 ** (31 + self.bits) >= 2**53:
-            # The block hash sums K products below 2**(31 + bits); ONNX Runtime's ReduceSum on int64
-            # goes through double, so the sum must stay exact in 53 bits.
-            raise ValueError(f"per_block={self.per_block} with bits={self.bits} makes block-hash sums exceed 2**53")
+        if self.kind != "full" and self.location_scheme != inthash.LOCATION_SCHEME:
+            raise ValueError(
+                f"location_scheme {self.location_scheme!r} is not supported: this build computes LMA block locations"
+                f" with {inthash.LOCATION_SCHEME!r}, and a model trained with {self.location_scheme!r} would read"
+                " other rows of its shared memory; retrain it with this build (or export it with a build of"
+                f" {self.location_scheme!r})"
+            )
         if not 0.0 <= self.signature_share < 1.0:
             raise ValueError(f"signature_share must be in [0, 1), got {self.signature_share}")
         if self.semantic not in SEMANTIC_MODES:
@@ -123,6 +134,8 @@ class EmbeddingConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown embedding config entries: {sorted(unknown)}")
+        if "location_scheme" not in d and d.get("kind", "lma") != "full":
+            d = {**d, "location_scheme": inthash.LEGACY_LOCATION_SCHEME}  # written before schemes were recorded
         return cls(**d)  # type: ignore[arg-type]
 
 
@@ -153,9 +166,9 @@ class SharedMemoryLayout:
 
 
 def seed_bytes(config: EmbeddingConfig) -> int:
-    """Bytes of the hash constants a shared-memory graph carries (fallback, block selection)."""
-    t, k = config.num_blocks, config.per_block
-    return 8 * (3 * inthash.num_fallback_chunks(config.num_hashes * config.bits) + 2 * t * k + t)
+    """Bytes of the hash constants a shared-memory embedding carries beyond its table's own six: the two
+    hashes of a fallback signature (a, b, c each) and, per block, the halves of its value mask and its hash."""
+    return 8 * (2 * 3 + config.num_blocks * (2 + 3))
 
 
 class SharedMemoryEmbedding(nn.Module):
@@ -174,11 +187,11 @@ class SharedMemoryEmbedding(nn.Module):
         torch.Size([1, 3, 4])
     """
 
-    fallback_params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
-    fallback_hash_params: torch.Tensor
-    divisors: torch.Tensor
-    multipliers: torch.Tensor
-    offsets: torch.Tensor
+    block_mask_hi: torch.Tensor
+    block_mask_lo: torch.Tensor
+    block_a: torch.Tensor
+    block_b: torch.Tensor
+    block_c: torch.Tensor
     if TYPE_CHECKING:  # for mypy only: TorchScript refuses module-typed class annotations
         signatures: StaticHashTable
 
@@ -197,7 +210,6 @@ class SharedMemoryEmbedding(nn.Module):
         # before); two blocks collide with probability ~Z/m instead of ~1/m.
         self.num_starts = layout.memory_size // config.block_size
         self.rows_floats = self.num_starts * config.block_size
-        self.value_mask = (1 << config.bits) - 1
         self.signature_bits = config.num_hashes * config.bits
 
         rng = np.random.default_rng(config.seed)
@@ -206,46 +218,40 @@ class SharedMemoryEmbedding(nn.Module):
         self.memory = nn.Parameter(
             torch.from_numpy(rng.uniform(-bound, bound, size=layout.memory_size).astype(np.float32))
         )
-        chunks = inthash.num_fallback_chunks(self.signature_bits)
-        # Saved with the weights (a checkpoint does not depend on NumPy's seed stream) and mirrored
-        # as Python ints, which the graphs carry as constants.
-        self.register_buffer("fallback_hash_params", torch.from_numpy(inthash.draw_params(rng, chunks)))
-        self.fallback_params = self.fallback_hash_params.tolist()
-        # Block t reads K distinct packed values, chosen by a hash (seeded draw) of t.
+        # Every hash constant is drawn from the seed and saved with the weights (a checkpoint does not
+        # depend on NumPy's seed stream). A token without a stored signature gets one hashed from its key:
+        # two universal hashes, its 31-bit halves (hi, lo), which the signature table computes with its
+        # bucket hashes in one pass.
+        fallback = inthash.draw_params(rng, 2)  # (2, 3): hi, lo
+        # Block t reads K distinct packed values, chosen by a hash (seeded draw) of t, and hashes the
+        # signature masked to them with its own universal hash.
         positions = np.stack(
             [rng.choice(config.num_hashes, size=config.per_block, replace=False) for _ in range(self.num_blocks)]
-        )
-        divisors = (2 ** (config.bits * positions)).astype(np.int64)  # (T, K)
-        multipliers = rng.integers(1, inthash.PRIME, size=positions.shape, dtype=np.int64)  # (T, K)
-        offsets = rng.integers(0, inthash.PRIME, size=self.num_blocks, dtype=np.int64)  # (T,)
-        self.register_buffer("divisors", torch.from_numpy(divisors))
-        self.register_buffer("multipliers", torch.from_numpy(multipliers))
-        self.register_buffer("offsets", torch.from_numpy(offsets))
-        self.signatures = StaticHashTable(layout.table_buckets, config.slots)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
-        self.fallback_params = self.fallback_hash_params.tolist()
-
-    def token_signatures(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(signature, stored): the stored signature where the table has one, else one hashed
-        from the key. Both (B, F)."""
-        fallback = inthash.fallback_signatures(keys, self.fallback_params, self.signature_bits)
-        return self.signatures(keys, fallback)
+        )  # (T, K)
+        masks = inthash.value_masks(positions, config.bits)  # (T, 2): hi, lo
+        params = inthash.draw_params(rng, self.num_blocks)  # (T, 3)
+        column = (self.num_blocks, 1, 1)  # block axis first: see models.inthash on the layout
+        for name, values in zip(BLOCK_HASH_BUFFERS, (*masks.T, *params.T), strict=True):
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(values).reshape(column)))
+        self.signatures = StaticHashTable(layout.table_buckets, config.slots, extra_params=fallback)
 
     def block_starts(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, F) keys -> (B, F, T) start offsets into the shared memory, and ``stored`` (B, F)."""
-        sig, stored = self.token_signatures(keys)
-        starts = inthash.block_starts(
-            sig, self.divisors, self.multipliers, self.offsets, self.value_mask, self.num_starts
-        )
-        return starts, stored
+        """(B, F) keys -> (B, F, T) rows of the shared memory (viewed as (m // Z, Z)), and ``stored`` (B, F)."""
+        signature, stored, fallback = self.signatures.lookup(keys)  # (B, F), (B, F), 2 x (1, B, F)
+        hi, lo = fallback[0], fallback[1]  # halves of the signature hashed from the key
+        if self.signatures.num_buckets > 0:  # lma: a stored signature where there is one
+            hi = torch.where(stored, signature // 2147483648, hi)
+            lo = torch.where(stored, signature, lo)  # block_rows masks it to bits below 31: its low half
+        rows = inthash.block_rows(
+            hi, lo, self.block_mask_hi, self.block_mask_lo, self.block_a, self.block_b, self.block_c, self.num_starts
+        )  # (T, B, F)
+        return rows.permute(1, 2, 0), stored
 
     def forward(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         starts, stored = self.block_starts(keys)  # (B, F, T): row of M per block
         rows = self.memory[: self.rows_floats].view(self.num_starts, self.block_size)  # (m // Z, Z)
         vectors = rows[starts]  # (B, F, T, Z)
-        return vectors.reshape(keys.shape[0], keys.shape[1], self.embedding_dim), stored  # (B, F, D)
+        return vectors.reshape(-1, self.num_fields, self.embedding_dim), stored  # (B, F, D)
 
     def memory_parts(self) -> dict[str, int]:
         return {

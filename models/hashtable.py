@@ -1,14 +1,16 @@
 """A static two-choice bucketed cuckoo hash table from int64 token keys to int64 values.
 
 Built once offline (NumPy), looked up inside the model graph with a fixed number of steps: two
-bucket hashes, two gathers of ``slots`` keys and values, a full-key compare, a select. Lookups are
-exact (a stored key is always found, an absent key never is) and use only Add/Mul/Div/Mod/
-BitwiseAnd/Gather/Equal/Where, so TorchScript and ONNX express them. Empty slots hold key -1 (real
-keys are non-negative 62-bit integers, so they never match).
+bucket hashes, one gather of both candidate buckets (keys and values of a bucket in one row), a
+full-key compare, a max-select. Lookups are exact (a stored key is always found, an absent key never
+is) and use only Add/Mul/Div/Mod/BitwiseAnd/Gather/Split/Equal/Where/ReduceMax, so TorchScript and
+ONNX express them. Empty slots hold key -1 and value -1 (real keys are non-negative 62-bit integers,
+so they never match; stored values are non-negative).
 
 Used twice: the LMA embedding maps keys to minhash signatures, the full embedding maps keys to rows.
 
-Memory: ``num_buckets * slots * 16`` bytes (keys and values, empty slots included), plus six seeds.
+Memory: ``num_buckets * slots * 16`` bytes (keys and values, empty slots included), plus six seeds
+(the owner counts the parameters of any extra hashes it asks for).
 """
 
 from typing import ClassVar, List  # noqa: UP035 (TorchScript reads typing.List)
@@ -128,11 +130,20 @@ def build_table(
 
 
 class StaticHashTable(nn.Module):
-    """Exact in-graph lookup of int64 keys in a table made by :func:`build_table`.
+    """Exact in-graph lookup of int64 keys (B, F) in a table made by :func:`build_table`.
+
+    One pass per key (what the exported graphs pay per node matters at small batches): the two bucket
+    hashes, and any extra hashes the owner needs, come out of one :func:`inthash.key_hashes` as (H, B, F);
+    both candidate buckets come out of one gather, because a bucket's keys and values sit side by side
+    in one row of ``rows`` (num_buckets, 2 * slots): with 4 slots, 64 bytes, one cache line. The stored
+    value is picked with a max over the slots (empty and non-matching slots give -1), never a sum:
+    ONNX Runtime reduces int64 sums through double, which would round 60-bit values.
 
     Args:
         num_buckets: power of two (0 = empty table: every lookup returns the default).
         slots: slots per bucket.
+        extra_params: (E, 3) parameters of E more universal hashes of every key, in [0, 2**31 - 1),
+            returned by :meth:`lookup` (the LMA embedding's fallback signatures).
 
     Example::
 
@@ -142,62 +153,102 @@ class StaticHashTable(nn.Module):
         [[50, -1]]
     """
 
-    __jit_unused_properties__: ClassVar[list[str]] = ["memory_bytes"]
+    __jit_unused_properties__: ClassVar[list[str]] = ["memory_bytes", "table_keys", "table_values"]
     params: List[List[int]]  # noqa: UP006 (TorchScript reads typing.List)
-    table_keys: torch.Tensor
-    table_values: torch.Tensor
+    rows: torch.Tensor
     hash_params: torch.Tensor
-    slot_arange: torch.Tensor
+    extra_hash_params: torch.Tensor
+    hash_a: torch.Tensor
+    hash_b: torch.Tensor
+    hash_c: torch.Tensor
+    hash_masks: torch.Tensor
 
-    def __init__(self, num_buckets: int, slots: int) -> None:
+    def __init__(self, num_buckets: int, slots: int, extra_params: np.ndarray | None = None) -> None:
         super().__init__()
         if num_buckets < 0 or num_buckets & (num_buckets - 1):
             raise ValueError(f"num_buckets must be 0 or a power of two, got {num_buckets}")
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        extra = np.zeros((0, 3), dtype=np.int64) if extra_params is None else np.asarray(extra_params, dtype=np.int64)
+        if extra.ndim != 2 or extra.shape[1] != 3:
+            raise ValueError(f"extra_params must be (E, 3) hash parameters, got shape {extra.shape}")
         self.num_buckets = num_buckets
         self.slots = slots
         self.bucket_mask = max(num_buckets - 1, 0)
-        self.register_buffer("table_keys", torch.full((num_buckets, slots), EMPTY, dtype=torch.int64))
-        self.register_buffer("table_values", torch.zeros((num_buckets, slots), dtype=torch.int64))
+        self.num_extra = int(extra.shape[0])
+        self.register_buffer("rows", torch.full((num_buckets, 2 * slots), EMPTY, dtype=torch.int64))
         self.register_buffer("hash_params", torch.zeros((2, 3), dtype=torch.int64))
-        self.register_buffer("slot_arange", torch.arange(slots, dtype=torch.int64), persistent=False)
+        self.register_buffer("extra_hash_params", torch.from_numpy(extra.copy()))
+        # The (H, 1, 1) parameter columns of key_hashes: buckets (when there is a table), then the extra
+        # hashes, and the mask each result is cut to. Derived from the two buffers above (sync_params).
+        for name in ("hash_a", "hash_b", "hash_c", "hash_masks"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.int64), persistent=False)
         self.params = [[0, 0, 0], [0, 0, 0]]
+        self.sync_params()
 
     def load(self, table_keys: np.ndarray, table_values: np.ndarray, params: np.ndarray) -> None:
-        if table_keys.shape != (self.num_buckets, self.slots):
-            raise ValueError(f"table shape {table_keys.shape} != {(self.num_buckets, self.slots)}")
-        self.table_keys.copy_(torch.from_numpy(np.ascontiguousarray(table_keys)))
-        self.table_values.copy_(torch.from_numpy(np.ascontiguousarray(table_values)))
+        for table in (table_keys, table_values):
+            if table.shape != (self.num_buckets, self.slots):
+                raise ValueError(f"table shape {table.shape} != {(self.num_buckets, self.slots)}")
+        occupied = table_keys != EMPTY
+        if (table_values[occupied] < 0).any():
+            raise ValueError("stored values must be non-negative (the lookup selects the stored value with a max)")
+        values = np.where(occupied, table_values, EMPTY)  # an empty slot's value is -1 too: never selected
+        self.rows.copy_(torch.from_numpy(np.ascontiguousarray(np.concatenate([table_keys, values], axis=1))))
         self.hash_params.copy_(torch.from_numpy(np.asarray(params, dtype=np.int64)))
         self.sync_params()
 
     def sync_params(self) -> None:
-        """Copy the hash parameters from the buffer into Python ints (graph constants)."""
+        """Copy the hash parameters from the buffers into Python ints and the key_hashes columns (graph constants)."""
         self.params = self.hash_params.tolist()
+        columns = torch.cat([self.hash_params, self.extra_hash_params]) if self.num_buckets else self.extra_hash_params
+        self.hash_a = columns[:, 0].reshape(-1, 1, 1).clone()
+        self.hash_b = columns[:, 1].reshape(-1, 1, 1).clone()
+        self.hash_c = columns[:, 2].reshape(-1, 1, 1).clone()
+        masks = [self.bucket_mask] * (2 if self.num_buckets else 0) + [-1] * self.num_extra  # -1: all bits kept
+        self.hash_masks = torch.tensor(masks, dtype=torch.int64, device=self.hash_params.device).reshape(-1, 1, 1)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Run folders written before keys and values shared one row per bucket hold them apart.
+        keys, values = state_dict.pop(prefix + "table_keys", None), state_dict.pop(prefix + "table_values", None)
+        if keys is not None and values is not None and prefix + "rows" not in state_dict:
+            state_dict[prefix + "rows"] = torch.cat([keys, torch.where(keys == EMPTY, EMPTY, values)], 1)
+        if prefix + "extra_hash_params" not in state_dict and self.num_extra == 0:
+            state_dict[prefix + "extra_hash_params"] = self.extra_hash_params
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_params()
+
+    @property
+    def table_keys(self) -> torch.Tensor:
+        """(num_buckets, slots) stored keys, -1 in empty slots (a view of ``rows``)."""
+        return self.rows[:, : self.slots]
+
+    @property
+    def table_values(self) -> torch.Tensor:
+        """(num_buckets, slots) stored values, -1 in empty slots (a view of ``rows``)."""
+        return self.rows[:, self.slots :]
 
     @property
     def memory_bytes(self) -> int:
         return table_bytes(self.num_buckets, self.slots)
 
+    def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:  # noqa: UP006
+        """(value, found, extra) of ``keys`` (B, F): the stored value or -1 (B, F), whether it was found (B, F),
+        and the E extra hashes, each (1, B, F) in [0, 2**31 - 1)."""
+        h = inthash.key_hashes(keys, self.hash_a, self.hash_b, self.hash_c) & self.hash_masks  # (2 + E, B, F)
+        if self.num_buckets == 0:
+            return torch.full_like(keys, -1), torch.zeros_like(keys, dtype=torch.bool), h.split(1, 0)
+        parts = h.split([2] + [1] * self.num_extra, 0) if self.num_extra else [h]  # buckets, then each extra hash
+        rows = self.rows[parts[0]]  # (2, B, F, 2S): both candidate buckets, keys then values
+        stored_keys, stored_values = rows.split(self.slots, -1)  # (2, B, F, S) each
+        # A key sits in at most one slot (or twice in one bucket when its two buckets coincide, with one value).
+        hit = stored_keys == keys.unsqueeze(-1)
+        value = torch.where(hit, stored_values, -1).amax((0, -1))  # (B, F)
+        return value, value >= 0, parts[1:]
+
     def forward(self, keys: torch.Tensor, default: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, found) of ``keys`` (any shape); ``default`` (broadcastable) where a key is absent."""
+        """(values, found) of ``keys`` (B, F); ``default`` (broadcastable) where a key is absent."""
         if self.num_buckets == 0:
             return default.expand(keys.shape), torch.zeros_like(keys, dtype=torch.bool)
-        b1, b2 = bucket_hashes(keys, self.params, self.bucket_mask)
-        q = keys.unsqueeze(-1)
-        hit1 = self.table_keys[b1] == q  # (..., S)
-        hit2 = self.table_keys[b2] == q
-        # A key sits in at most one slot. Locate it with small-integer sums and gather its value:
-        # never sum the 60-bit values themselves (ONNX Runtime reduces int64 through double).
-        slot1 = (hit1.to(torch.int64) * self.slot_arange).sum(-1)
-        slot2 = (hit2.to(torch.int64) * self.slot_arange).sum(-1)
-        in1 = hit1.any(-1)
-        found = in1 | hit2.any(-1)
-        flat = torch.where(in1, b1 * self.slots + slot1, b2 * self.slots + slot2)
-        value = self.table_values.reshape(-1)[flat]
+        value, found, _ = self.lookup(keys)
         return torch.where(found, value, default), found

@@ -5,7 +5,8 @@ number. DESIGN section 3:
 
 - dense values: missing -> 0, negative clipped to 0, then log(1 + x) (the DLRM Criteo convention);
   the transform happens here, in :func:`transform_dense`, and the exported graphs take the
-  *transformed* values (``dense_input = "log1p"`` in every manifest);
+  *transformed* values (every manifest says ``"dense_input": "log1p-clip0"``, :data:`DENSE_TRANSFORM`,
+  which the schema also records as its ``dense_transform``);
 - categorical values: each (field, raw value) becomes a non-negative 62-bit integer key with one
   seeded hash (BLAKE2b-64 keyed by the schema seed and the field name, top two bits dropped).
   Raw values are hashed by their text: ``"68fd1e64"``, ``"1005"`` and ``1005`` (an int is formatted

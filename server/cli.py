@@ -18,6 +18,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from export.contract import RUNTIMES
+
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("serve", help="serve exported bundles over HTTP (native and Open Inference Protocol v2)")
@@ -29,7 +31,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument(
         "--workers", type=int, help="worker processes on the port, each with its own models (default: one per core)"
     )
-    p.add_argument("--runtime", choices=("onnx", "torchscript"), help="overrides LMA_RUNTIME (default onnx)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="overrides LMA_RUNTIME (default onnx)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides LMA_DEVICE (default auto)")
     p.set_defaults(func=_serve)
 

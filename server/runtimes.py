@@ -32,13 +32,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from export.bundle import Bundle
+from export.contract import DENSE_INPUT, INPUT_NAMES, KEYS_INPUT, OUTPUT_NAMES
+from export.onnx_runtime import session_options
 from models.extras import MissingExtra, check
 from server.types import Batch, Scores
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("dense", "keys")
-OUTPUTS = ("probability", "fallback_tokens")
+INPUTS = INPUT_NAMES  # the graph contract's owner: export.contract
+OUTPUTS = OUTPUT_NAMES
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -147,7 +149,7 @@ class OnnxRuntime(Runtime):
     def run(self, batch: Batch) -> Scores:
         if self._binding is not None:
             return self._run_cuda(batch)
-        probability, fallback = self._session.run(OUTPUTS, {"dense": batch.dense, "keys": batch.keys})
+        probability, fallback = self._session.run(OUTPUTS, {DENSE_INPUT: batch.dense, KEYS_INPUT: batch.keys})
         return Scores(probability.reshape(-1), fallback.reshape(-1))
 
     def _run_cuda(self, batch: Batch) -> Scores:
@@ -220,24 +222,6 @@ class TorchScriptRuntime(Runtime):
         del self._module
         if self.device == "cuda":
             self._torch.cuda.empty_cache()
-
-
-def session_options(threads: int = 0) -> Any:
-    """The ONNX Runtime session options of the server (also what ``lma bench`` times the graph and the
-    reference server with: a ceiling measured with other options would measure something else)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    # Idle intra-op threads sleep instead of spinning: a spinning pool burns the cores the event loop and
-    # the other workers need (measured on 2 cores: 3.5x slower batches of 256 with spinning on).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # errors only; our own logs say what was loaded
-    return opts
 
 
 RUNTIMES: dict[str, type[Runtime]] = {cls.name: cls for cls in (OnnxRuntime, TorchScriptRuntime)}

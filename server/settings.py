@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     # models
     model_dir: Path = Field(Path("artifacts"), description="one bundle, or a repository of <name>/<version>/ bundles")
     default_model: str = Field("", description="model of POST /v1/predict (empty: the first name in sorted order)")
-    runtime: Literal["onnx", "torchscript"] = "onnx"
+    runtime: Literal["onnx", "torchscript"] = "onnx"  # export.contract.RUNTIMES (a test checks they agree)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="threads of one inference (0: the cores per worker)")
     workers: int = Field(0, ge=0, description="server processes on one port (0: one per core the server may use)")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.contract import RUNTIMES
+
 DEMO_NAME = "demo"
 RAW_BATCH_SIZES = (1, 32, 256)
 RAW_THREADS = (1, 2)
@@ -71,7 +73,7 @@ class BenchConfig:
             raise ValueError("--deadlines: need values > 0 (ms)")
         if self.max_connections < 1:
             raise ValueError(f"--max-connections must be >= 1, got {self.max_connections}")
-        if self.runtime not in ("onnx", "torchscript"):
+        if self.runtime not in RUNTIMES:
             raise ValueError(f"--runtime must be onnx or torchscript, got {self.runtime!r}")
 
     @property

@@ -89,16 +89,12 @@ def raw_throughput(
     The inputs are ``rows`` featurized once (keys hashed with the bundle's schema, dense values
     transformed): this is the graph's ceiling, without HTTP, JSON, featurization or batching.
     """
-    import onnxruntime as ort
-
-    from server.runtimes import session_options
+    from export.onnx_runtime import cpu_session
 
     dense, keys = featurize(bundle, rows, max(batch_sizes))
     out = []
     for t in threads:
-        session = ort.InferenceSession(
-            str(bundle / "model.onnx"), session_options(t), providers=["CPUExecutionProvider"]
-        )
+        session = cpu_session(bundle / "model.onnx", t)
         for size in batch_sizes:
             feeds = {"dense": dense[:size], "keys": keys[:size]}
             for _ in range(5):

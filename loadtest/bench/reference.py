@@ -3,7 +3,7 @@ stock parts in an afternoon.
 
 FastAPI on uvicorn (httptools, uvloop), one process per core (uvicorn's ``--workers``), one ONNX Runtime
 session per process on the same ``model.onnx`` with the server's session options
-(:func:`server.runtimes.session_options`, one intra-op thread: the processes share the cores), and one model
+(:func:`export.onnx_runtime.session_options`, one intra-op thread: the processes share the cores), and one model
 call per request, made inline on the event loop (for a graph this small, a thread hand-off costs more than
 it frees). It gets the easy half of the work: keys already hashed and dense values already transformed
 (``{"dense": [[...]], "keys": [[...]]}``, built by :func:`reference_body`), where the project's server
@@ -30,11 +30,9 @@ PREDICT_PATH = "/predict"
 
 
 def build_app(model: Path, threads: int = 1) -> FastAPI:
-    import onnxruntime as ort
+    from export.onnx_runtime import cpu_session
 
-    from server.runtimes import session_options
-
-    session = ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+    session = cpu_session(model, threads)
     app = FastAPI(title="reference: FastAPI + ONNX Runtime, one model call per request")
 
     @app.get(READY_PATH)

@@ -261,7 +261,7 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
         "## The graph alone (in process)",
         "",
         "ONNX Runtime session on the bundle's `model.onnx` with the server's session options",
-        "(`server.runtimes.session_options`), inputs featurized once: the ceiling a server is judged against.",
+        "(`export.onnx_runtime.session_options`), inputs featurized once: the ceiling a server is judged against.",
         "",
         *_ceiling_table(report),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,8 +15,12 @@ import torch
 from onnx import numpy_helper
 
 import export.exporter as exporter
+import export.graphs
 from export.bundle import RUNTIME_FILES, Bundle, load_bundle
-from export.exporter import ParityError, data_cases, export_run, next_version, onnx_session, script_model
+from export.exporter import ParityError, export_run, next_version
+from export.graphs import script_model
+from export.onnx_runtime import cpu_session
+from export.parity import data_cases
 from models.checkpoint import memory_accounting, save_run
 from models.schema import KEY_MASK, FeatureSchema, transform_dense
 
@@ -39,7 +44,7 @@ def _inputs(run: TinyRun, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 def _score_all(bundle: Bundle, run: TinyRun, dense: np.ndarray, keys: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
     ts = torch.jit.load(str(bundle.file("torchscript")))
-    session = onnx_session(bundle.file("onnx"), threads=1)
+    session = cpu_session(bundle.file("onnx"), threads=1)
     d, k = torch.from_numpy(dense), torch.from_numpy(keys)
     with torch.inference_mode():
         eager = tuple(t.numpy() for t in run.model(d, k))
@@ -271,6 +276,45 @@ def test_bad_run_folder_is_a_clear_error(tmp_path: Path) -> None:
         export_run(tmp_path / "nope", tmp_path / ".hidden")
 
 
+@pytest.mark.parametrize("kind", ["hash", "lma"])
+def test_run_of_another_location_scheme_is_refused(
+    kind: str, tmp_path: Path, schemas: dict[str, FeatureSchema], make_tiny_run: Callable[..., TinyRun]
+) -> None:
+    """A run folder written before location schemes were recorded (lma-locations-v1) is refused, naming both
+    schemes: its shared memory was trained for other rows, so exporting it would silently score garbage."""
+    run = make_tiny_run(tmp_path / "run", kind, schemas["lma"], seed=3)
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["embedding"]["location_scheme"] == "lma-locations-v2"
+    del config["embedding"]["location_scheme"]
+    (run.run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"location_scheme 'lma-locations-v1' is not supported: this build computes"
+                                         r" LMA block locations with 'lma-locations-v2'.*retrain it"):  # fmt: skip
+        export_run(run.run_dir, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    config["embedding"]["location_scheme"] = "lma-locations-v3"
+    (run.run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: location_scheme 'lma-locations-v3' is not supported"):
+        export_run(run.run_dir, tmp_path / "m")
+
+
+def test_bundles_do_not_depend_on_the_location_scheme(bundles: dict[str, Bundle], tmp_path: Path) -> None:
+    """A bundle is self-contained: one whose manifest predates location schemes (no location_scheme entry)
+    loads and its graph scores exactly as before; the scheme is recorded in the embedding entry."""
+    bundle = bundles["lma"]
+    assert bundle.manifest["embedding"]["location_scheme"] == "lma-locations-v2"
+    old = tmp_path / "old" / "1"
+    shutil.copytree(bundle.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["embedding"]["location_scheme"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_bundle(old)
+    keys = np.random.default_rng(4).integers(0, KEY_MASK, size=(5, 26), dtype=np.int64)
+    dense = np.zeros((5, 13), dtype=np.float32)
+    got = cpu_session(loaded.file("onnx")).run(None, {"dense": dense, "keys": keys})
+    want = cpu_session(bundle.file("onnx")).run(None, {"dense": dense, "keys": keys})
+    np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_loaded_bundle_equals_returned(bundles: dict[str, Bundle]) -> None:
     for bundle in bundles.values():
         again = load_bundle(bundle.path)
@@ -306,7 +350,7 @@ def test_large_graphs_keep_weights_in_one_external_file(
     which the manifest checksums like every other file and Triton gets a copy of."""
     from export.triton import write_triton
 
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(export.graphs, "EXTERNAL_DATA_BYTES", 1000)
     run = tiny_runs["full"]
     bundle = export_run(run.run_dir, tmp_path / "m", triton=tmp_path / "triton")
     assert sorted(bundle.manifest["files"]) == ["model.onnx", "model.onnx.data", "model.ts"]
@@ -317,7 +361,7 @@ def test_large_graphs_keep_weights_in_one_external_file(
     np.testing.assert_allclose(out["onnx"][0], out["eager"][0], rtol=0, atol=1e-6)
     triton_dir = tmp_path / "triton" / "m" / "1"
     assert (triton_dir / "model.onnx.data").read_bytes() == (bundle.path / "model.onnx.data").read_bytes()
-    triton_out = onnx_session(triton_dir / "model.onnx", threads=1).run(None, {"dense": dense, "keys": keys})
+    triton_out = cpu_session(triton_dir / "model.onnx", threads=1).run(None, {"dense": dense, "keys": keys})
     np.testing.assert_array_equal(triton_out[0], out["onnx"][0])
     write_triton(bundle, tmp_path / "triton")  # rewriting an entry is fine
     data = bytearray((bundle.path / "model.onnx.data").read_bytes())

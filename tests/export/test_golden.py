@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.exporter import onnx_session
+from export.onnx_runtime import cpu_session
 from models import inthash
+from models.embeddings import BLOCK_HASH_BUFFERS
 from models.hashtable import StaticHashTable, bucket_hashes
 from models.schema import KEY_MASK
 
@@ -74,7 +75,7 @@ def _all_runtimes(module: nn.Module, keys: np.ndarray, tmp_path: Path) -> dict[s
     with torch.inference_mode():
         eager = tuple(t.numpy() for t in module(k))
         ts = tuple(t.numpy() for t in scripted(k))
-    ort = tuple(onnx_session(path, threads=1).run(None, {"keys": keys}))
+    ort = tuple(cpu_session(path, threads=1).run(None, {"keys": keys}))
     return {"eager": eager, "torchscript": ts, "onnx": ort}  # type: ignore[dict-item]
 
 
@@ -91,11 +92,14 @@ def test_lma_block_locations_are_identical_everywhere(tiny_runs: dict[str, TinyR
     run = tiny_runs["lma"]
     emb = run.model.dlrm.embedding
     keys = _keys(run, 64, seed=7)
-    fallback = inthash.fallback_signatures(keys, emb.fallback_params, emb.signature_bits)
-    sig, stored = numpy_lookup(emb.signatures, keys, fallback)
-    starts = inthash.block_starts(
-        sig, emb.divisors.numpy(), emb.multipliers.numpy(), emb.offsets.numpy(), emb.value_mask, emb.num_starts
-    )
+    # Reference in NumPy: the stored signature, or the one hashed from the key (halves = two key hashes);
+    # block t hashes the signature's halves masked to the packed values it reads.
+    sig, stored = numpy_lookup(emb.signatures, keys, np.int64(-1))
+    fb_hi, fb_lo = (inthash.hash_key(keys, *p) for p in emb.signatures.extra_hash_params.tolist())
+    hi = np.where(stored, sig // 2**31, fb_hi)
+    lo = np.where(stored, sig & (2**31 - 1), fb_lo)
+    block = [getattr(emb, n).numpy() for n in BLOCK_HASH_BUFFERS]
+    starts = inthash.block_rows(hi, lo, *block, emb.num_starts).transpose(1, 2, 0)  # (T, B, F) -> (B, F, T)
     assert starts.shape == (64, run.cfg.schema.num_fields, emb.num_blocks)
     assert starts.min() >= 0 and starts.max() < emb.num_starts
     np.testing.assert_array_equal(stored, np.isin(keys, run.known_keys))
@@ -119,22 +123,23 @@ def test_full_vocabulary_rows_are_identical_everywhere(tiny_runs: dict[str, Tiny
 
 
 @pytest.mark.parametrize("bits", [4, 16])
-def test_block_starts_golden_values(bits: int) -> None:
-    """Pinned block locations of fixed signatures and hash constants (NumPy and eager agree)."""
+def test_block_rows_golden_values(bits: int) -> None:
+    """Pinned block rows of fixed signatures and hash constants (NumPy and eager agree), written out by hand."""
     sig = np.array([0, 1, 0x0123456789ABCDE, (1 << 60) - 1], dtype=np.int64)
     positions = np.array([[0, 1], [2, 3]], dtype=np.int64)
-    divisors = (2 ** (bits * positions)).astype(np.int64)
-    multipliers = np.array([[12345, 2147483646], [1, 999331]], dtype=np.int64)
-    offsets = np.array([7, 2147483000], dtype=np.int64)
-    mask, num_starts = (1 << bits) - 1, 1000
-    got = inthash.block_starts(sig, divisors, multipliers, offsets, mask, num_starts)
-    vals = (sig[:, None, None] // divisors) & mask  # written out: value, linear hash mod P, mod starts
-    expected = ((vals * multipliers).sum(-1) + offsets) % (2**31 - 1) % num_starts
-    np.testing.assert_array_equal(got, expected)
-    eager = inthash.block_starts(
-        torch.from_numpy(sig), torch.from_numpy(divisors), torch.from_numpy(multipliers), torch.from_numpy(offsets),
-        mask, num_starts,
-    )  # fmt: skip
-    np.testing.assert_array_equal(eager.numpy(), expected)
-    golden = {4: [[7, 0], [352, 0], [824, 6], [167, 333]], 16: [[7, 0], [352, 0], [883, 709], [47, 686]]}
+    masks = inthash.value_masks(positions, bits)  # (T, 2): hi, lo
+    params = np.array([[12345, 2147483646, 7], [1, 999331, 2147483000]], dtype=np.int64)
+    num_starts = 1000
+    columns = [np.ascontiguousarray(a).reshape(2, 1) for a in (masks[:, 0], masks[:, 1], *params.T)]
+    hi, lo = sig // 2**31, sig & (2**31 - 1)
+    got = inthash.block_rows(hi[None], lo[None], *columns, num_starts).T  # (4, T)
+    field = (1 << bits) - 1  # written out: mask the two values of the block, split in halves, linear hash mod P
+    masked = sig[:, None] & np.array([[(field << (bits * p)) for p in row] for row in positions]).sum(-1)  # (4, 2)
+    expected = ((masked // 2**31) * params[:, 0] + (masked % 2**31) * params[:, 1] + params[:, 2]) % (2**31 - 1)
+    np.testing.assert_array_equal(got, expected % num_starts)
+    eager = inthash.block_rows(
+        torch.from_numpy(hi[None]), torch.from_numpy(lo[None]), *(torch.from_numpy(c) for c in columns), num_starts
+    )
+    np.testing.assert_array_equal(eager.numpy().T, expected % num_starts)
+    golden = {4: [[7, 0], [6, 0], [432, 487], [399, 623]], 16: [[7, 0], [6, 0], [840, 445], [352, 263]]}
     np.testing.assert_array_equal(got, golden[bits])

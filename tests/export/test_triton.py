@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import text_format
 
 from export.bundle import Bundle
-from export.exporter import onnx_session
+from export.onnx_runtime import cpu_session
 from export.triton import triton_config, write_triton
 
 
@@ -72,10 +72,10 @@ def test_no_dense_features_drop_the_unused_input(bundles: dict[str, Bundle], tmp
     model_dir = write_triton(bundle, tmp_path / "triton")
     cfg = _parse(pb2, (model_dir / "config.pbtxt").read_text())
     assert [(i.name, list(i.dims)) for i in cfg.input] == [("keys", [23])]
-    session = onnx_session(model_dir / "1" / "model.onnx", threads=1)
+    session = cpu_session(model_dir / "1" / "model.onnx", threads=1)
     assert [i.name for i in session.get_inputs()] == ["keys"]
     keys = np.random.default_rng(0).integers(0, 2**62, size=(4, 23), dtype=np.int64)
-    full = onnx_session(bundle.file("onnx"), threads=1).run(None, {"dense": np.zeros((4, 0), np.float32), "keys": keys})
+    full = cpu_session(bundle.file("onnx"), threads=1).run(None, {"dense": np.zeros((4, 0), np.float32), "keys": keys})
     np.testing.assert_array_equal(session.run(None, {"keys": keys})[0], full[0])
 
 

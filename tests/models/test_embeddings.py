@@ -7,6 +7,7 @@ import torch
 
 from models import inthash
 from models.embeddings import (
+    BLOCK_HASH_BUFFERS,
     EmbeddingConfig,
     FullEmbedding,
     SharedMemoryEmbedding,
@@ -40,6 +41,13 @@ def lma_with_table(stored_keys: np.ndarray, cfg: EmbeddingConfig | None = None) 
     return emb
 
 
+def block_rows_of(emb: SharedMemoryEmbedding, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """The embedding's block rows of signatures given by their halves (N,) -> (N, T), in NumPy."""
+    buffers = [getattr(emb, n).numpy() for n in BLOCK_HASH_BUFFERS]
+    rows = inthash.block_rows(np.asarray(hi)[None], np.asarray(lo)[None], *(b[:, 0] for b in buffers), emb.num_starts)
+    return rows.T  # (T, N) -> (N, T)
+
+
 class TestConfig:
     @pytest.mark.parametrize(
         ("overrides", "message"),
@@ -53,7 +61,6 @@ class TestConfig:
             ({"num_hashes": 16}, r"num_hashes \* bits must be <= 62 .* got 16\*4"),
             ({"per_block": 16}, r"per_block must be in \[1, num_hashes=15\], got 16"),
             ({"per_block": 7}, r"per_block \* bits must be >= 32.* got 7\*4"),
-            ({"num_hashes": 2, "bits": 30, "per_block": 2}, "per_block=2 with bits=30"),
             ({"signature_share": 1.0}, r"signature_share must be in \[0, 1\), got 1.0"),
             ({"semantic": "words"}, "semantic must be one of .* got 'words'"),
             ({"max_load": 0.0}, r"max_load must be in \(0, 1\], got 0.0"),
@@ -66,13 +73,20 @@ class TestConfig:
         with pytest.raises(ValueError, match=message):
             tiny_config(**overrides)
 
-    def test_bucket_key_sum_stays_exact_in_onnx_runtime(self) -> None:
-        # ONNX Runtime's int64 ReduceSum accumulates in double: block_starts' sum of K products (each
-        # below 2**(bits + 31)) must stay below 2**53, or ORT's starts differ from PyTorch's (measured:
-        # 4.5% of blocks at bits=22, K=2). bits=20, K=2 is the widest the config accepts.
-        tiny_config(kind="hash", num_hashes=2, bits=20, per_block=2)
-        with pytest.raises(ValueError, match=r"per_block=2 with bits=21 .* 2\*\*53"):
-            tiny_config(kind="hash", num_hashes=2, bits=21, per_block=2)
+    def test_location_scheme_recorded_and_checked(self) -> None:
+        cfg = tiny_config()
+        assert cfg.location_scheme == inthash.LOCATION_SCHEME == "lma-locations-v2"
+        assert cfg.to_dict()["location_scheme"] == "lma-locations-v2"
+        # A config written before schemes were recorded is of the legacy scheme: refused for hash and lma,
+        # naming both schemes (its shared memory was trained for other rows), fine for full (no locations).
+        legacy = {k: v for k, v in cfg.to_dict().items() if k != "location_scheme"}
+        for kind in ("lma", "hash"):
+            with pytest.raises(ValueError, match=r"location_scheme 'lma-locations-v1' is not supported: this build .*"
+                               r"'lma-locations-v2'.* retrain"):  # fmt: skip
+                EmbeddingConfig.from_dict({**legacy, "kind": kind})
+        assert EmbeddingConfig.from_dict({**legacy, "kind": "full"}).kind == "full"
+        with pytest.raises(ValueError, match="location_scheme 'lma-locations-v9' is not supported"):
+            tiny_config(location_scheme="lma-locations-v9")
 
     def test_full_kind_allows_short_bucket_keys(self) -> None:
         assert tiny_config(kind="full", per_block=2).per_block == 2
@@ -94,19 +108,20 @@ class TestLayout:
     def test_lma_numbers(self) -> None:
         cfg = tiny_config()
         # budget 16000 / 4 = 4000 bytes; a quarter (1000) buys 8 buckets x 4 slots x 16 B + 48 B of seeds;
-        # seeds of the graph: 8 * (3 * 2 fallback chunks + 2 * T=2 * K=8 + T=2) = 320 bytes.
-        assert seed_bytes(cfg) == 320
+        # seeds of the graph: the fallback signature's two hashes (2 x 3) and, per block (T=2), the halves of
+        # its value mask and its hash (2 + 3): 8 * (6 + 2 * 5) = 128 bytes. M: 828 floats = 414 rows of Z=2.
+        assert seed_bytes(cfg) == 128
         layout = SharedMemoryLayout.plan(cfg, FULL_BYTES)
-        assert layout == SharedMemoryLayout(memory_size=780, table_buckets=8)
-        assert 780 * 4 + 560 + 320 == 4000
+        assert layout == SharedMemoryLayout(memory_size=828, table_buckets=8)
+        assert 828 * 4 + 560 + 128 == 4000
 
     def test_hash_numbers(self) -> None:
         layout = SharedMemoryLayout.plan(tiny_config("hash"), FULL_BYTES)
-        assert layout == SharedMemoryLayout(memory_size=(4000 - 320) // 4, table_buckets=0)
+        assert layout == SharedMemoryLayout(memory_size=(4000 - 128) // 4, table_buckets=0)
 
     def test_rounding_below_one_float(self) -> None:
         layout = SharedMemoryLayout.plan(tiny_config(), FULL_BYTES + 2)  # budget 4000.5 bytes
-        assert layout.memory_size == 780
+        assert layout.memory_size == 828
 
     @pytest.mark.parametrize("kind", ["hash", "lma"])
     @pytest.mark.parametrize("compression", [1.0, 3.0, 16.0, 17.5])
@@ -123,7 +138,7 @@ class TestLayout:
 
     def test_too_little_memory(self) -> None:
         with pytest.raises(ValueError, match=r"compression 4.0 leaves -\d+ floats .* lower the compression"):
-            SharedMemoryLayout.plan(tiny_config(), 1200)
+            SharedMemoryLayout.plan(tiny_config(), 400)
 
     def test_memory_beyond_hash_range(self) -> None:
         with pytest.raises(ValueError, match=r"exceeds the hash range 2\*\*31 - 1"):
@@ -140,23 +155,31 @@ class TestSharedMemory:
         assert stored.shape == (5, F)
         starts, _ = emb.block_starts(keys)  # (5, F, 2)
         assert starts.shape == (5, F, 2)
-        assert int(starts.max()) <= emb.memory_size - emb.block_size
+        assert int(starts.max()) < emb.num_starts
         memory = emb.memory.detach()
         want = torch.cat(
             [memory[2 * starts[..., 0, None] + torch.arange(2)], memory[2 * starts[..., 1, None] + torch.arange(2)]], -1
         )
         assert torch.equal(vectors, want)  # no sign, no scaling
 
-    def test_stored_flags_and_signatures(self) -> None:
+    def test_stored_flags_signatures_and_rows(self) -> None:
         stored_keys = random_keys(0, (10,))
         emb = lma_with_table(stored_keys)
         keys = np.stack([stored_keys[:3], random_keys(4, (3,))])  # (2, F): row 0 stored, row 1 not
-        sig, stored = emb.token_signatures(torch.from_numpy(keys))
+        sig, stored, fallback = emb.signatures.lookup(torch.from_numpy(keys))
         assert stored.tolist() == [[True] * F, [False] * F]
         expected_signatures = np.random.default_rng(11).integers(0, 2**60, size=10, dtype=np.int64)
         assert sig[0].tolist() == expected_signatures[:3].tolist()
-        fallback = inthash.fallback_signatures(keys[1], emb.fallback_params, 60)
-        assert sig[1].tolist() == fallback.tolist()
+        assert sig[1].tolist() == [-1] * F
+        # The others get a signature hashed from their key: two universal hashes of it are its halves.
+        (hi_params, lo_params) = emb.signatures.extra_hash_params.tolist()
+        assert fallback[0][0, 1].tolist() == inthash.hash_key(keys[1], *hi_params).tolist()
+        assert fallback[1][0, 1].tolist() == inthash.hash_key(keys[1], *lo_params).tolist()
+        starts, flags = emb.block_starts(torch.from_numpy(keys))
+        assert torch.equal(flags, stored)
+        assert starts[0].tolist() == block_rows_of(emb, *inthash.key_halves(expected_signatures[:3])).tolist()
+        fb_hi, fb_lo = inthash.hash_key(keys[1], *hi_params), inthash.hash_key(keys[1], *lo_params)
+        assert starts[1].tolist() == block_rows_of(emb, fb_hi, fb_lo).tolist()
 
     @pytest.mark.parametrize("kind", ["hash", "lma"])
     def test_gradients_sum_into_the_slots_read(self, kind: str) -> None:
@@ -175,14 +198,15 @@ class TestSharedMemory:
 
         starts, _ = emb.block_starts(keys_t)  # (8, F, 2)
         z = emb.block_size
-        index = (starts.unsqueeze(-1) * z + torch.arange(z)).reshape(8, F, 4)  # slot of every coordinate
+        index = (starts.unsqueeze(-1) * z + torch.arange(z)).reshape(8, F, 4)  # float of M of every coordinate
         expected = np.zeros(emb.memory_size, dtype=np.float32)
         np.add.at(expected, index.numpy().ravel(), weights.numpy().ravel())
         assert emb.memory.grad is not None
-        np.testing.assert_array_equal(emb.memory.grad.numpy(), expected)  # small integers: exact sums
+        grad = emb.memory.grad.numpy()
+        np.testing.assert_array_equal(grad, expected)  # small integers: exact sums
         read = np.zeros(emb.memory_size, dtype=bool)
         read[index.numpy().ravel()] = True
-        assert not emb.memory.grad.numpy()[~read].any()
+        assert not grad[~read].any()
 
     def test_hash_is_lma_with_an_empty_table(self) -> None:
         layout = SharedMemoryLayout.plan(tiny_config(), FULL_BYTES)  # sizes of the LMA: same M for both
@@ -241,9 +265,9 @@ class TestSharedMemory:
 
     def test_memory_parts(self) -> None:
         assert lma_with_table(random_keys(0, (10,))).memory_parts() == {
-            "shared_memory": 780 * 4,
+            "shared_memory": 828 * 4,
             "signature_table": 8 * 4 * 16 + 48,
-            "seeds": 320,
+            "seeds": 128,
         }
 
     def test_wrong_kind(self) -> None:
@@ -262,8 +286,8 @@ class TestFull:
 
     def test_every_vocabulary_key_reads_its_row(self) -> None:
         emb, vocab = self.build()
-        rows, stored = emb.vocabulary(torch.from_numpy(vocab), emb.oov_rows[:1])
-        assert rows.tolist() == list(range(10))  # vocab[3]'s two buckets coincide (both 3)
+        rows, stored = emb.vocabulary(torch.from_numpy(vocab[None]), emb.oov_rows[:1])
+        assert rows.tolist() == [list(range(10))]  # vocab[3]'s two buckets coincide (both 3)
         assert stored.all()
 
     def test_rows_and_oov_rows(self) -> None:

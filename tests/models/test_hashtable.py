@@ -1,9 +1,13 @@
 """The static cuckoo table: exact lookups (no miss, no false hit), priority order, sizes, bad input."""
 
+from pathlib import Path
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
+from models import inthash
 from models.hashtable import (
     EMPTY,
     StaticHashTable,
@@ -25,8 +29,9 @@ def distinct_keys(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def lookup(table: torch.nn.Module, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values, found = table(torch.from_numpy(keys), torch.tensor(MISSING))
-    return values.numpy(), found.numpy()
+    """(values, found) of 1-D keys, looked up as one (1, N) batch (the table takes (B, F) keys)."""
+    values, found = table(torch.from_numpy(keys).reshape(1, -1), torch.tensor(MISSING))
+    return values.numpy()[0], found.numpy()[0]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,14 @@ class TestExactness:
             assert not found.any()
             assert (got == MISSING).all()
 
+    def test_empty_slot_key_is_never_found(self, full_table) -> None:
+        # Empty slots hold key -1 and value -1: a -1 query (never a real key) matches them and still misses.
+        table, _, _, _ = full_table
+        assert (table.table_values[table.table_keys == EMPTY] == EMPTY).all()
+        got, found = lookup(table, np.full(8, EMPTY, dtype=np.int64))
+        assert not found.any()
+        assert (got == MISSING).all()
+
     def test_any_shape_and_broadcast_default(self, full_table) -> None:
         table, keys, values, _ = full_table
         q = np.array([[keys[0], 5], [7, keys[1]]], dtype=np.int64)  # (2, 2)
@@ -88,6 +101,85 @@ class TestExactness:
         got, found = table(torch.from_numpy(q), default)
         assert got.tolist() == [[values[0], -2], [-1, values[1]]]
         assert found.tolist() == [[True, False], [False, True]]
+
+
+class TestLayoutAndExtraHashes:
+    def test_keys_and_values_of_a_bucket_share_one_row(self) -> None:
+        tk, tv, params, _ = build_table(np.array([5, 9, 12]), np.array([50, 90, 120]), 4, 2, seed=0)
+        table = StaticHashTable(4, 2)
+        table.load(tk, tv, params)
+        assert table.rows.shape == (4, 4)  # (buckets, 2 * slots): 2 keys then their 2 values
+        np.testing.assert_array_equal(table.rows.numpy(), np.concatenate([tk, np.where(tk == EMPTY, -1, tv)], 1))
+        np.testing.assert_array_equal(table.table_keys.numpy(), tk)
+        assert table.rows.numel() * 8 + 48 == table.memory_bytes  # the accounting: keys, values, six seeds
+
+    def test_extra_hashes_come_with_the_lookup(self, tmp_path: Path) -> None:
+        """lookup() returns E more hashes of every key, identical in NumPy, eager, TorchScript and ONNX Runtime,
+        computed in the same pass as the buckets."""
+        rng = np.random.default_rng(8)
+        keys = distinct_keys(rng, 40)
+        tk, tv, params, _ = build_table(keys[:20], keys[:20] % 1000, 8, 4, seed=3)
+        extra = inthash.draw_params(rng, 3)
+        table = StaticHashTable(8, 4, extra_params=extra)
+        table.load(tk, tv, params)
+        q = np.concatenate([keys, [0, 2**62 - 1]]).reshape(6, 7)
+        want_extra = np.stack([inthash.hash_key(q, *(int(x) for x in p)) for p in extra])  # (3, 6, 7)
+        want_value = np.where(np.isin(q, keys[:20]), q % 1000, -1)
+
+        class Lookup(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.table = table
+
+            def forward(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                value, found, extras = self.table.lookup(k)
+                return value, found, torch.cat(extras)
+
+        module = Lookup().eval()
+        path = tmp_path / "lookup.onnx"
+        torch.onnx.export(
+            module, (torch.from_numpy(q[:2]),), str(path), input_names=["keys"], dynamic_axes={"keys": {0: "b"}},
+            opset_version=18, dynamo=False,
+        )  # fmt: skip
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = {
+            "eager": [t.numpy() for t in module(torch.from_numpy(q))],
+            "torchscript": [t.numpy() for t in torch.jit.script(module)(torch.from_numpy(q))],
+            "onnx": session.run(None, {"keys": q}),
+        }
+        for runtime, (value, found, got_extra) in outputs.items():
+            np.testing.assert_array_equal(value, want_value, err_msg=runtime)
+            np.testing.assert_array_equal(found, want_value >= 0, err_msg=runtime)
+            np.testing.assert_array_equal(got_extra, want_extra, err_msg=runtime)
+
+    def test_empty_table_still_computes_extra_hashes(self) -> None:
+        extra = np.array([[3, 5, 7]], dtype=np.int64)
+        table = StaticHashTable(0, 4, extra_params=extra)
+        value, found, got = table.lookup(torch.tensor([[2**31 + 2]]))
+        assert value.tolist() == [[-1]] and found.tolist() == [[False]]
+        assert [t.tolist() for t in got] == [[[[3 * 1 + 5 * 2 + 7]]]]  # one (1, B, F) tensor per extra hash
+
+    def test_state_dict_round_trip_and_legacy_layout(self) -> None:
+        keys = distinct_keys(np.random.default_rng(6), 30)
+        tk, tv, params, _ = build_table(keys, keys % 77, 16, 4, seed=2)
+        table = StaticHashTable(16, 4, extra_params=np.array([[1, 2, 3]]))
+        table.load(tk, tv, params)
+        fresh = StaticHashTable(16, 4, extra_params=np.array([[1, 2, 3]]))
+        fresh.load_state_dict(table.state_dict(), strict=True)
+        assert sorted(table.state_dict()) == ["extra_hash_params", "hash_params", "rows"]
+        assert fresh.params == table.params
+        q = torch.from_numpy(keys).reshape(3, 10)
+        (v1, f1, e1), (v2, f2, e2) = fresh.lookup(q), table.lookup(q)
+        assert torch.equal(v1, v2) and torch.equal(f1, f2) and torch.equal(e1[0], e2[0])
+        # Run folders written before keys and values shared a row hold table_keys / table_values (and, for
+        # the full kind, no extra hashes): they load into the same table.
+        legacy = {"table_keys": torch.from_numpy(tk), "table_values": torch.from_numpy(tv),
+                  "hash_params": torch.from_numpy(params)}  # fmt: skip
+        old = StaticHashTable(16, 4)
+        old.load_state_dict(legacy, strict=True)
+        got, found = lookup(old, keys)
+        assert found.all()
+        np.testing.assert_array_equal(got, keys % 77)
 
 
 class TestBuild:
@@ -170,6 +262,15 @@ class TestBadInput:
         tk, tv, params, _ = build_table(np.array([1]), np.array([2]), 8, 4, seed=0)
         with pytest.raises(ValueError, match=r"table shape \(8, 4\) != \(4, 4\)"):
             StaticHashTable(4, 4).load(tk, tv, params)
+
+    def test_negative_stored_values_refused(self) -> None:
+        tk, tv, params, _ = build_table(np.array([1, 2]), np.array([2, -3]), 4, 4, seed=0)
+        with pytest.raises(ValueError, match="stored values must be non-negative"):
+            StaticHashTable(4, 4).load(tk, tv, params)
+
+    def test_bad_extra_hashes(self) -> None:
+        with pytest.raises(ValueError, match=r"extra_params must be \(E, 3\) hash parameters, got shape \(2, 2\)"):
+            StaticHashTable(4, 4, extra_params=np.zeros((2, 2)))
 
 
 class TestSizes:
