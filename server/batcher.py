@@ -133,7 +133,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
         self._task.add_done_callback(self._on_loop_done)
 
-    def admit(self, now: float, deadline: float, *, lag_s: float = 0, ahead_s: float = 0, waited_s: float = 0) -> None:
+    def admit(self, now: float, deadline: float, *, ahead_s: float = 0, waited_s: float = 0) -> None:
         """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request must be refused now.
 
         The engine asks once per request, before its body is read, so that an overloaded server spends next
@@ -150,19 +150,20 @@ class Batcher:
         if len(self._queue) + self.incoming >= self.max_queue:
             pending.inc(m.rejected["queue_full"])
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
-        self.check_deadline(now, deadline, lag_s=lag_s, ahead_s=ahead_s)
+        self.check_deadline(now, deadline, ahead_s=ahead_s)
         self.incoming += 1
 
-    def check_deadline(self, now: float, deadline: float, *, lag_s: float = 0, ahead_s: float = 0) -> None:
+    def check_deadline(self, now: float, deadline: float, *, ahead_s: float = 0) -> None:
         """Refuse (:class:`Overloaded`, counted) when ``now`` plus the predicted wait passes ``deadline``.
 
         Such a request would end in a 504 (or a late 200) anyway, after taking the place of requests that can
         still be answered in time. The wait is the longer of the model's queue (:meth:`predicted_wait`) and
         ``ahead_s``, what the requests already admitted to this process will take
-        (:class:`server.admission.Occupancy`: parsing and answering cost too), plus the event loop's lag
-        ``lag_s`` (the wait of requests still unread in socket buffers, and of this one's answer).
+        (:class:`server.admission.Occupancy`: parsing and answering cost too, and their measured times hold
+        the event loop's delays). How long the request waited unread (the loop's lag) is already in
+        ``now - arrival``: the deadline counts from the arrival.
         """
-        wait = max(self.predicted_wait(now), ahead_s) + lag_s
+        wait = max(self.predicted_wait(now), ahead_s)
         if now + wait > deadline:
             self._pending.inc(self._m.rejected["predicted_wait"])
             left = max(0.0, deadline - now) * 1000

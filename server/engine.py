@@ -117,7 +117,7 @@ class Engine:
         self.loop_lag.start()
         deadline = arrival + min(timeout_s, self.max_timeout_s)
         ahead = self.occupancy.wait_s()
-        mv.batcher.admit(now, deadline, lag_s=self.loop_lag.lag_s, ahead_s=ahead, waited_s=now - arrival)
+        mv.batcher.admit(now, deadline, ahead_s=ahead, waited_s=now - arrival)
         mv.acquire()
         self.occupancy.enter(now)
         return Ticket(mv, arrival, deadline)
@@ -128,9 +128,7 @@ class Engine:
         deadline = ticket.arrival + timeout_s
         if deadline < ticket.deadline:
             ticket.deadline = deadline
-            ticket.mv.batcher.check_deadline(
-                time.monotonic(), deadline, lag_s=self.loop_lag.lag_s, ahead_s=self.occupancy.wait_s()
-            )
+            ticket.mv.batcher.check_deadline(time.monotonic(), deadline, ahead_s=self.occupancy.wait_s())
 
     def release(self, ticket: Ticket) -> None:
         if ticket.incoming:
