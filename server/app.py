@@ -42,7 +42,7 @@ from server.http import (
 from server.logs import configure_logging
 from server.metrics import Metrics, multiprocess_dir
 from server.protocols.native import routes as native_routes
-from server.protocols.routing import TICKET, RouteTable, admit, openapi_paths
+from server.protocols.routing import ROUTE, TICKET, RouteTable, admit, openapi_paths
 from server.protocols.v2 import routes as v2_routes
 from server.registry import ModelRegistry
 from server.routes import admin
@@ -105,7 +105,7 @@ class LmaApp(FastAPI):
         logs.request_id.set(request_id)  # this request's own task (context): every log line of it carries the id
         ctx = RequestContext(request_id)
         id_header = (b"x-request-id", request_id.encode("ascii"))
-        matched = self.routes_table.match(scope)
+        matched = scope.pop(ROUTE, None) or self.routes_table.match(scope)  # the protocol may have matched it
         if matched is not None:
             route, params = matched
             try:
@@ -153,6 +153,7 @@ class LmaApp(FastAPI):
         engine = getattr(self.state, "engine", None)
         if matched is None or scope["method"] != "POST" or engine is None:
             return None
+        scope[ROUTE] = matched  # the wrapper need not match it again
         route, params = matched
         start = time.perf_counter()
         name = params.get("name")

@@ -66,6 +66,7 @@ class Runtime(ABC):
         self.device = device
         self.threads = threads
         self._cost: dict[int, float] = {}  # batch size -> seconds of one run, measured by warmup()
+        self._expected: dict[int, float] = {}  # batch size -> expected_seconds(size), memoized (admission asks often)
 
     @classmethod
     @abstractmethod
@@ -92,14 +93,22 @@ class Runtime(ABC):
             if len(scores) != size or not np.all(np.isfinite(scores.probability)):
                 raise RuntimeError(f"{self.bundle.path}: warm-up batch of {size} gave {len(scores)} non-finite scores")
             self._cost[size] = best
+        self._expected.clear()
 
     def expected_seconds(self, size: int) -> float | None:
         """How long one run of ``size`` samples takes, from the warm-up timings (None before any warm-up).
 
         Linear between the measured sizes, and beyond them along the line through the two nearest.
         """
+        known = self._expected.get(size)
+        if known is not None:
+            return known
         if not self._cost:
             return None
+        self._expected[size] = value = self._interpolate(size)
+        return value
+
+    def _interpolate(self, size: int) -> float:
         points = sorted(self._cost.items())
         if len(points) == 1:
             (n, t) = points[0]

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(5.0, ge=0, description="poll the model repository this often (0: never)")
     # batching and admission
     max_batch_size: int = Field(256, ge=1, description="samples per runtime call")
-    max_wait_ms: float = Field(2.0, ge=0, description="longest a queued request waits for a fuller batch")
+    # 0 measured best on 2 cores (docs/BENCHMARKS.md): 2.2x the single-sample requests/s of 2 ms at 16 connections,
+    # and more samples/s for 32-sample requests; batches still form while the runtime is busy.
+    max_wait_ms: float = Field(0.0, ge=0, description="longest a queued request waits for a fuller batch")
     max_queue: int = Field(2048, ge=1, description="requests waiting per model before 503")
     request_timeout_ms: float = Field(2000.0, gt=0, description="deadline of a request from arrival; 504 after")
     max_instances_per_request: int = Field(1024, ge=1, description="instances of one request before 413")

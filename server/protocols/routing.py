@@ -35,6 +35,7 @@ from server.http import DisconnectWatch, Headers, Reply, RequestContext, header,
 
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 TICKET = "lma.ticket"  # scope key: the admission ticket of the early (HTTP protocol) admission
+ROUTE = "lma.route"  # scope key: the (route, path parameters) the early admission matched
 ARRIVAL = "lma.arrival"  # scope key: time.monotonic() at which the request's first bytes were read
 
 
