@@ -111,23 +111,22 @@ class FeatureSchema:
 
         The values must be ``None``, ``str``, ``bytes`` or ``int`` (not ``bool``, not ``float``: a float
         ``1.0`` would find the cached key of ``1``); the server validates them before they get here.
-        Hot values cost one C-level dict lookup each (``map(dict.get, ...)`` over the whole batch); only
-        cache misses run the hash, and :meth:`_FieldHasher.__call__` caches what it computes.
+        Hot values cost one C-level dict lookup each (``map(dict.get, ...)`` over the whole batch, read by
+        ``np.fromiter``); only cache misses run the hash, and :meth:`_FieldHasher.__call__` caches what it
+        computes.
         """
         if len(values) != rows * self.num_fields:
             raise ValueError(f"{len(values)} categorical values do not fill {rows} rows of {self.num_fields}")
         hashers = self._hashers
-        keys = list(map(dict.get, self._caches * rows, values))  # None where the field's cache misses
-        if None in keys:
+        n = len(values)
+        # dict.get(cache, value, -1) for every value, consumed in C by fromiter: no Python list in between
+        keys = np.fromiter(map(dict.get, self._caches * rows, values, itertools.repeat(-1, n)), np.int64, count=n)
+        misses = np.flatnonzero(keys < 0)
+        if misses.size:
             f = len(hashers)
-            i = keys.index(None)
-            while True:
+            for i in misses.tolist():
                 keys[i] = hashers[i % f](values[i])
-                try:
-                    i = keys.index(None, i + 1)
-                except ValueError:
-                    break
-        return np.array(keys, dtype=np.int64).reshape(rows, len(hashers))
+        return keys.reshape(rows, len(hashers))
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -133,7 +134,9 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"lma-batcher-{self.name}")
         self._task.add_done_callback(self._on_loop_done)
 
-    def admit(self, now: float, deadline: float, *, ahead_s: float = 0, waited_s: float = 0) -> None:
+    def admit(
+        self, now: float, deadline: float, *, ahead_s: float = 0, waited_s: float = 0, max_wait_s: float = math.inf
+    ) -> None:
         """Raise :class:`NotReady` or :class:`Overloaded` (counted) when a request must be refused now.
 
         The engine asks once per request, before its body is read, so that an overloaded server spends next
@@ -150,11 +153,12 @@ class Batcher:
         if len(self._queue) + self.incoming >= self.max_queue:
             pending.inc(m.rejected["queue_full"])
             raise Overloaded(f"model {self.name!r} is overloaded: {self.max_queue} requests are queued; retry later")
-        self.check_deadline(now, deadline, ahead_s=ahead_s)
+        self.check_deadline(now, deadline, ahead_s=ahead_s, max_wait_s=max_wait_s)
         self.incoming += 1
 
-    def check_deadline(self, now: float, deadline: float, *, ahead_s: float = 0) -> None:
-        """Refuse (:class:`Overloaded`, counted) when ``now`` plus the predicted wait passes ``deadline``.
+    def check_deadline(self, now: float, deadline: float, *, ahead_s: float = 0, max_wait_s: float = math.inf) -> None:
+        """Refuse (:class:`Overloaded`, counted) when ``now`` plus the predicted wait passes ``deadline``, or the
+        predicted wait is longer than ``max_wait_s`` (LMA_MAX_QUEUE_DELAY_MS) whatever the deadline.
 
         Such a request would end in a 504 (or a late 200) anyway, after taking the place of requests that can
         still be answered in time. The wait is the longer of the model's queue (:meth:`predicted_wait`) and
@@ -162,9 +166,14 @@ class Batcher:
         (:class:`server.admission.Occupancy`: parsing and answering cost too, and their measured times hold
         the event loop's delays). How long the request waited unread (the loop's lag) is already in
         ``now - arrival``: the deadline counts from the arrival.
+
+        ``max_wait_s`` keeps the queue short when deadlines are long: once the runtime is busy, a longer
+        queue adds no throughput, only latency, and a caller's connections held that long pile its other
+        requests up in front of the server (measured: at 0.8x the capacity with 2 s deadlines and no such
+        limit, clients saw p50 2.5 s, docs/BENCHMARKS.md).
         """
         wait = max(self.predicted_wait(now), ahead_s)
-        if now + wait > deadline:
+        if now + wait > deadline or wait > max_wait_s:
             self._pending.inc(self._m.rejected["predicted_wait"])
             left = max(0.0, deadline - now) * 1000
             raise Overloaded(

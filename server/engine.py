@@ -62,6 +62,7 @@ class Engine:
         self.store = store
         self.metrics = metrics
         self.max_timeout_s = settings.request_timeout_ms / 1000.0
+        self.max_queue_delay_s = settings.max_queue_delay_ms / 1000.0 or float("inf")
         self._store_timeout_s = settings.feature_store_timeout_ms / 1000.0
         self._max_instances = settings.max_instances_per_request
         self._closing = False
@@ -117,7 +118,7 @@ class Engine:
         self.loop_lag.start()
         deadline = arrival + min(timeout_s, self.max_timeout_s)
         ahead = self.occupancy.wait_s()
-        mv.batcher.admit(now, deadline, ahead_s=ahead, waited_s=now - arrival)
+        mv.batcher.admit(now, deadline, ahead_s=ahead, waited_s=now - arrival, max_wait_s=self.max_queue_delay_s)
         mv.acquire()
         self.occupancy.enter(now)
         return Ticket(mv, arrival, deadline)
@@ -128,7 +129,9 @@ class Engine:
         deadline = ticket.arrival + timeout_s
         if deadline < ticket.deadline:
             ticket.deadline = deadline
-            ticket.mv.batcher.check_deadline(time.monotonic(), deadline, ahead_s=self.occupancy.wait_s())
+            ticket.mv.batcher.check_deadline(
+                time.monotonic(), deadline, ahead_s=self.occupancy.wait_s(), max_wait_s=self.max_queue_delay_s
+            )
 
     def release(self, ticket: Ticket) -> None:
         if ticket.incoming:

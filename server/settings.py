@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(0.0, ge=0, description="longest a queued request waits for a fuller batch")
     max_queue: int = Field(2048, ge=1, description="requests waiting per model before 503")
     request_timeout_ms: float = Field(2000.0, gt=0, description="deadline of a request from arrival; 504 after")
+    max_queue_delay_ms: float = Field(
+        100.0, ge=0, description="longest predicted wait a request is admitted with, whatever its deadline (0: none)"
+    )
     max_instances_per_request: int = Field(1024, ge=1, description="instances of one request before 413")
     max_body_bytes: int = Field(16 << 20, ge=1024, description="request body bytes before 413")
     drain_timeout_s: float = Field(30.0, gt=0, description="how long a replaced model may take to finish its work")

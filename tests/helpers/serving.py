@@ -63,6 +63,9 @@ def settings_for(model_dir: Path, **overrides: Any) -> Settings:
         "access_log": False,
         "intra_op_threads": 1,
         "admin_token": ADMIN_TOKEN,
+        # no queue-delay cap: the tests that make requests wait (long max_wait_ms) mean deadlines alone to decide;
+        # test_routes and test_http_protocol set it where it is the point
+        "max_queue_delay_ms": 0,
         **overrides,
     }
     return Settings(**values)

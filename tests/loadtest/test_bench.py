@@ -45,7 +45,8 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bench.ServerProcess]:
-    env = {"LMA_MAX_QUEUE": "2", "LMA_MAX_WAIT_MS": "100", "LMA_INTRA_OP_THREADS": "1", **bench.BASE_SERVER_ENV}
+    env = {"LMA_MAX_QUEUE": "2", "LMA_MAX_WAIT_MS": "100", "LMA_INTRA_OP_THREADS": "1", "LMA_MAX_QUEUE_DELAY_MS": "0"}
+    env |= bench.BASE_SERVER_ENV
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
     with bench.ServerProcess(lambda port: bench.lma_serve_command(bundle_dir, port, workers=1), env, log) as proc:
         proc.wait_ready()

@@ -213,6 +213,16 @@ def test_a_deadline_that_cannot_be_met_is_refused_before_the_body_is_read(bundle
         assert client.post(PREDICT, json={"instances": [instance()]}).status_code == 200  # 2 s: room to wait
 
 
+def test_a_long_deadline_does_not_admit_a_long_queue(bundles: Bundles, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, bundles.criteo_v1)
+    # a lone request would wait 300 ms for company: within its 2 s deadline, but past the 100 ms queue-delay cap
+    with TestClient(build_app(settings_for(repo, max_wait_ms=300, max_queue_delay_ms=100))) as client:
+        status, kind, text = error(client.post(PREDICT, json={"instances": [instance()]}))
+        assert (status, kind) == (503, "overloaded") and "would wait about 300 ms" in text
+    with TestClient(build_app(settings_for(repo, max_wait_ms=300, max_queue_delay_ms=500))) as client:
+        assert client.post(PREDICT, json={"instances": [instance()]}).status_code == 200
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", ""])
 def test_a_bad_timeout_header_is_422_naming_it(app_client: TestClient, value: str) -> None:
     r = app_client.post(PREDICT, json={"instances": [instance()]}, headers={"x-request-timeout-ms": value})
