@@ -5,10 +5,10 @@ see:
 
 - :class:`LoopLag`: how late the event loop runs; requests still unread in socket buffers wait that long
   before any handler sees them, and so does the answer of the request being admitted;
-- :class:`Occupancy`: the requests admitted to this process and not finished, their measured latency, and
-  an adaptive limit on how many may be in the process at once. Parsing, featurizing and answering cost the
+- :class:`Occupancy`: the requests admitted to this process and not finished, times the wall time one
+  takes here (Little's law, measured over short windows). Parsing, featurizing and answering cost the
   event loop too; when they, not the model, are the bottleneck, the model's queue stays short while the
-  requests pile up before it, and only this sees them.
+  requests pile up before it, and only this estimate sees them.
 """
 
 from __future__ import annotations
@@ -49,67 +49,55 @@ class LoopLag:
 
 
 class Occupancy:
-    """Requests in this process (admitted, not finished), their recent latency, and an adaptive limit on them.
+    """Requests in this process (admitted, not finished) and the wall time each takes, by Little's law.
 
-    Every ``window_s`` the mean latency (arrival to finish) of the requests that finished in the window
-    moves :attr:`latency_s` (an average, ``weight`` for the newest) and the limit on requests in the
-    process: up by a tenth (at least one) while the window's latency stays within ``target_s``, down by a
-    fifth when it does not (additive-increase, multiplicative-decrease, as TCP and Netflix's
-    concurrency-limits do). Beyond the limit a request would only queue: the runtime and the event loop are
-    already busy, and more in flight adds latency, not throughput. The limit finds that point by itself
-    whatever slows the process down (the model, parsing, the refusals of an overload, other processes on
-    the machine), and it never locks out: an empty process admits, and each finished request measures again.
-
-    :meth:`wait_s` is what a new request should expect to wait for those ahead of it: the recent latency,
-    while any are here.
+    ``service_s`` is the busy wall time (some request in the process) per finished request, measured over
+    windows of ``window_s`` and averaged with ``weight`` for the newest: under saturation it is 1 /
+    throughput, so ``in_system * service_s`` is how long the requests already here take to get out of the
+    way of a new one; lightly loaded, it is about one request's latency.
 
     Example::
 
-        occ = Occupancy(target_s=0.05)
-        if occ.admits():
-            occ.enter(now)
-            ...
-            occ.leave(later, latency_s=later - arrival)
+        occ = Occupancy()
+        occ.enter(t0); occ.leave(t0 + 0.004)     # one request, 4 ms
+        occ.wait_s()                              # 0.0: nothing in the process now
     """
 
-    def __init__(
-        self, target_s: float = 0.05, window_s: float = 0.05, weight: float = 0.3, limit: float = 256.0,
-        min_limit: float = 4.0, max_limit: float = 100_000.0,
-    ) -> None:  # fmt: skip
-        self.target_s = target_s
+    def __init__(self, window_s: float = 0.05, weight: float = 0.3) -> None:
         self.window_s = window_s
         self.weight = weight
-        self.limit = limit
-        self.min_limit = min_limit
-        self.max_limit = max_limit
         self.in_system = 0
-        self.latency_s = 0.0
-        self._sum = 0.0
+        self.service_s = 0.0
+        self._busy_since: float | None = None
+        self._busy = 0.0
         self._done = 0
         self._window_start: float | None = None
 
-    def admits(self) -> bool:
-        return self.in_system < self.limit
-
     def enter(self, now: float) -> None:
+        if self.in_system == 0:
+            self._busy_since = now
         if self._window_start is None:
             self._window_start = now
         self.in_system += 1
 
-    def leave(self, now: float, latency_s: float) -> None:
+    def leave(self, now: float) -> None:
         self.in_system -= 1
-        self._sum += latency_s
         self._done += 1
+        if self.in_system == 0 and self._busy_since is not None:
+            self._busy += now - self._busy_since
+            self._busy_since = None
         assert self._window_start is not None
         if now - self._window_start >= self.window_s:
-            mean = self._sum / self._done
-            self.latency_s = mean if self.latency_s == 0.0 else self.latency_s + self.weight * (mean - self.latency_s)
-            if mean <= self.target_s:
-                self.limit = min(self.max_limit, self.limit + max(1.0, 0.1 * self.limit))
-            else:
-                self.limit = max(self.min_limit, 0.8 * self.limit)
-            self._sum, self._done, self._window_start = 0.0, 0, now
+            busy = self._busy
+            if self._busy_since is not None:
+                busy += now - self._busy_since
+                self._busy_since = now
+            sample = busy / self._done
+            self.service_s = (
+                sample if self.service_s == 0.0 else self.service_s + self.weight * (sample - self.service_s)
+            )
+            self._busy, self._done, self._window_start = 0.0, 0, now
 
     def wait_s(self) -> float:
-        """How long a new request should expect to wait for the requests already here."""
-        return self.latency_s if self.in_system else 0.0
+        """How long the requests already here should take to finish."""
+        return self.in_system * self.service_s

@@ -156,16 +156,6 @@ class Batcher:
         self.check_deadline(now, deadline, ahead_s=ahead_s, max_wait_s=max_wait_s)
         self.incoming += 1
 
-    def refuse_busy(self, waited_s: float, in_process: int) -> None:
-        """Refuse (:class:`Overloaded`, counted as ``predicted_wait``): the process holds as many requests as its
-        adaptive limit allows (:class:`server.admission.Occupancy`)."""
-        self._pending.observe(self._m.admission_wait, waited_s)
-        self._pending.inc(self._m.rejected["predicted_wait"])
-        raise Overloaded(
-            f"model {self.name!r} is overloaded: {in_process} requests are in the server, as many as it answers"
-            " in time; retry later"
-        )
-
     def check_deadline(self, now: float, deadline: float, *, ahead_s: float = 0, max_wait_s: float = math.inf) -> None:
         """Refuse (:class:`Overloaded`, counted) when ``now`` plus the predicted wait passes ``deadline``, or the
         predicted wait is longer than ``max_wait_s`` (LMA_MAX_QUEUE_DELAY_MS) whatever the deadline.

@@ -67,8 +67,7 @@ class Engine:
         self._max_instances = settings.max_instances_per_request
         self._closing = False
         self.loop_lag = LoopLag()
-        # the limit on requests in the process aims at half the longest queue delay admitted
-        self.occupancy = Occupancy(target_s=settings.max_queue_delay_ms / 2000.0 or 0.05)
+        self.occupancy = Occupancy()
 
     # --- state ---
 
@@ -117,8 +116,6 @@ class Engine:
         mv = self.model(name, version)
         now = time.monotonic()
         self.loop_lag.start()
-        if not self.occupancy.admits():
-            mv.batcher.refuse_busy(now - arrival, self.occupancy.in_system)
         deadline = arrival + min(timeout_s, self.max_timeout_s)
         ahead = self.occupancy.wait_s()
         mv.batcher.admit(now, deadline, ahead_s=ahead, waited_s=now - arrival, max_wait_s=self.max_queue_delay_s)
@@ -141,8 +138,7 @@ class Engine:
             ticket.incoming = False
             ticket.mv.batcher.leave()
         ticket.mv.release()
-        now = time.monotonic()
-        self.occupancy.leave(now, now - ticket.arrival)
+        self.occupancy.leave(time.monotonic())
 
     # --- scoring ---
 
