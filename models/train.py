@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import data as data_mod
+from models.data import batches as data_batches
+from models.data import cache as data_cache
+from models.data import formats as data_formats
 from models.checkpoint import RunConfig, build_model, memory_accounting, save_run
 from models.dlrm import CTRModel, DLRMConfig
 from models.embeddings import FLOAT_BYTES, EmbeddingConfig, FullEmbedding, SharedMemoryEmbedding
@@ -155,10 +157,10 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: CTRModel, prepared: "data_mod.Prepared", indices: np.ndarray) -> dict[str, float]:
+def evaluate(model: CTRModel, prepared: "data_cache.Prepared", indices: np.ndarray) -> dict[str, float]:
     model.eval()
     probs, labels = [], []
-    for dense, keys, y in data_mod.iter_batches(prepared, indices, EVAL_BATCH, shuffle=False, seed=0):
+    for dense, keys, y in data_batches.iter_batches(prepared, indices, EVAL_BATCH, shuffle=False, seed=0):
         p, _ = model(dense, keys)
         probs.append(p.squeeze(1).numpy())
         labels.append(y.numpy())
@@ -179,11 +181,11 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
 
 
 def build_run_config(
-    settings: TrainSettings, prepared: "data_mod.Prepared", train_idx: np.ndarray
+    settings: TrainSettings, prepared: "data_cache.Prepared", train_idx: np.ndarray
 ) -> tuple[RunConfig, dict[str, Any]]:
     """Token statistics of the training split -> sizes, and for ``full`` the vocabulary."""
     emb = settings.embedding
-    tokens, counts = data_mod.distinct_tokens(prepared, train_idx)
+    tokens, counts = data_batches.distinct_tokens(prepared, train_idx)
     full_bytes = int(tokens.size) * emb.embedding_dim * FLOAT_BYTES
     schema = prepared.schema
     model_cfg = DLRMConfig.from_preset(settings.preset, schema.num_dense, schema.num_fields, emb.embedding_dim)
@@ -210,7 +212,7 @@ def fill_tables(
     model: CTRModel,
     cfg: RunConfig,
     settings: TrainSettings,
-    prepared: "data_mod.Prepared",
+    prepared: "data_cache.Prepared",
     train_idx: np.ndarray,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
@@ -268,8 +270,8 @@ def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    schema = data_mod.schema_for_format(settings.format)
-    prepared = data_mod.prepare(
+    schema = data_formats.schema_for_format(settings.format)
+    prepared = data_cache.prepare(
         settings.data,
         settings.format,
         settings.cache_dir,
@@ -309,7 +311,7 @@ def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
     model.train()
     for epoch in range(1, settings.epochs + 1):
         t0, n, running = time.perf_counter(), 0, 0.0
-        batches = data_mod.iter_batches(
+        batches = data_batches.iter_batches(
             prepared, train_idx, settings.batch_size, shuffle=True, seed=settings.seed + epoch
         )
         total = math.ceil(train_idx.size / settings.batch_size)

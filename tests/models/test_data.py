@@ -1,4 +1,4 @@
-"""Readers, parsed-array cache, splits and batches (models/data.py), on hand-written rows in the real formats."""
+"""Readers, parsed-array cache, splits and batches (models/data/), on hand-written rows in the real formats."""
 
 import gzip
 import json
@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import models.data as data
-from models.data import (
-    FORMATS,
-    Prepared,
-    RawRow,
-    ReadStats,
-    distinct_tokens,
-    iter_batches,
-    iter_chunks,
-    iter_raw,
-    prepare,
-    schema_for_format,
-)
+from models.data import batches as data_batches
+from models.data import lines, reader
+from models.data.batches import distinct_tokens, iter_batches
+from models.data.cache import Prepared, prepare
+from models.data.reader import FORMATS, Chunk, RawRow, ReadStats, iter_chunks, iter_raw, schema_for_format
 from models.schema import AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_DENSE, FeatureSchema, criteo_schema
 
 # Criteo Kaggle train.txt lines: label, I1..I13, C1..C26, tab-separated, empty = missing.
@@ -58,7 +50,7 @@ def _write(path: Path, text: str | bytes, compress: bool = False) -> Path:
     return path
 
 
-def _one_chunk(path: Path, fmt: str, schema: FeatureSchema, stats: ReadStats | None = None) -> data.Chunk:
+def _one_chunk(path: Path, fmt: str, schema: FeatureSchema, stats: ReadStats | None = None) -> Chunk:
     chunks = list(iter_chunks(path, fmt, schema, stats=stats))
     assert len(chunks) == 1
     return chunks[0]
@@ -162,15 +154,15 @@ def test_small_read_blocks_give_the_same_rows(tmp_path: Path, monkeypatch: pytes
     expected = list(iter_raw(path, "criteo"))
     assert len(expected) == 22
     for block in (1, 7, 100, 333):  # lines and CRLF pairs split across reads
-        monkeypatch.setattr(data, "_READ_BYTES", block)
+        monkeypatch.setattr(lines, "READ_BYTES", block)
         stats = ReadStats()
         assert list(iter_raw(path, "criteo", stats)) == expected
         assert stats.to_dict() == {"rows": 22, "skipped": 1, "reasons": {"blank_line": 1}}
 
 
 def test_overlong_line_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
-    monkeypatch.setattr(data, "_READ_BYTES", 64)
+    monkeypatch.setattr(lines, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(lines, "READ_BYTES", 64)
     long_line = CRITEO_LINES[0].replace("68fd1e64", "x" * 5000)
     mid_line = CRITEO_LINES[0].replace("68fd1e64", "y" * 700)  # longer than most, within the limit
     path = _write(tmp_path / "t.txt", "\n".join([CRITEO_LINES[0], long_line, CRITEO_LINES[2], mid_line]) + "\n")
@@ -178,7 +170,7 @@ def test_overlong_line_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rows = list(iter_raw(path, "criteo", stats))
     assert [r.categorical[0] for r in rows] == ["68fd1e64", "68fd1e64", "y" * 700]
     assert stats.to_dict() == {"rows": 3, "skipped": 1, "reasons": {"line_too_long": 1}}
-    monkeypatch.setattr(data, "_READ_BYTES", 1 << 20)  # the whole long line inside one block
+    monkeypatch.setattr(lines, "READ_BYTES", 1 << 20)  # the whole long line inside one block
     stats = ReadStats()
     assert list(iter_raw(path, "criteo", stats)) == rows
     assert stats.reasons == {"line_too_long": 1}
@@ -336,7 +328,7 @@ def test_prepare_reuses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def no_parsing(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data, "iter_chunks", no_parsing)
+    monkeypatch.setattr(reader, "iter_chunks", no_parsing)
     again = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
     assert again.path == first.path and again.rows == first.rows
     assert again.stats == first.stats
@@ -442,7 +434,7 @@ def test_split_validation(kwargs: dict[str, object], message: str) -> None:
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_iter_batches_cover_each_index_once(monkeypatch: pytest.MonkeyPatch, shuffle: bool) -> None:
-    monkeypatch.setattr(data, "_window_rows", lambda batch_size: 3 * batch_size)  # several windows
+    monkeypatch.setattr(data_batches, "_window_rows", lambda batch_size: 3 * batch_size)  # several windows
     p = _prepared(100)
     indices = np.arange(3, 95, dtype=np.int64)
     batches = list(iter_batches(p, indices, batch_size=8, shuffle=shuffle, seed=1))
