@@ -1,20 +1,24 @@
-"""DLRM over any embedding of :mod:`models.embeddings`.
+"""DLRM over any embedding of :mod:`models.embeddings`, and the servable wrapper of every network.
 
     dense (B, n_dense) -> bottom MLP -> (B, D)           (absent when n_dense == 0, e.g. Avazu)
     keys  (B, F)       -> embedding  -> (B, F, D)
     pairwise dot products of the F (+1) vectors, upper triangle -> concat bottom output
     -> top MLP -> one logit; sigmoid gives the click probability.
 
-:class:`CTRModel` is the whole servable model: it takes the graph inputs of every bundle
-(``dense`` float32 (B, n_dense), already ``log1p``-transformed by :func:`models.schema.transform_dense`,
-and ``keys`` int64 (B, F)) and returns ``probability`` float32 (B, 1).
+:class:`CTRModel` is the whole servable model around a network (this DLRM, or the linear reference of
+:mod:`models.linear`): it takes the graph inputs of every bundle (``dense`` float32 (B, n_dense),
+already ``log1p``-transformed by :func:`models.schema.transform_dense`, and ``keys`` int64 (B, F)) and
+returns the two graph outputs ``probability`` float32 (B, 1) and ``fallback_tokens`` int64 (B,).
 """
 
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from models.linear import LogisticRegression
 from models.embeddings import (
     EmbeddingConfig,
     FullEmbedding,
@@ -22,6 +26,7 @@ from models.embeddings import (
     SharedMemoryLayout,
 )
 
+ARCHITECTURE = "dlrm"
 PRESETS: dict[str, dict[str, object]] = {
     # name: embedding_dim, bottom hidden layers (the last layer -> embedding_dim is added), top hidden
     "tiny": {"embedding_dim": 4, "bottom": [8], "top": [8]},
@@ -64,10 +69,13 @@ class DLRMConfig:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {"architecture": ARCHITECTURE, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> "DLRMConfig":
+        d = dict(d)
+        if d.pop("architecture", ARCHITECTURE) != ARCHITECTURE:  # run folders before the linear reference have none
+            raise ValueError(f"not a DLRM config: {d}")
         names = {f.name for f in fields(cls)}
         if set(d) - names:
             raise ValueError(f"unknown model config entries: {sorted(set(d) - names)}")
@@ -136,14 +144,22 @@ class DLRM(nn.Module):
 
 
 class CTRModel(nn.Module):
-    """The servable graph.
+    """The servable graph around a network: a :class:`DLRM` or :class:`models.linear.LogisticRegression`.
 
     Inputs: ``dense`` float32 (B, n_dense) (log1p-transformed), ``keys`` int64 (B, F).
     Outputs: ``probability`` float32 (B, 1) and ``fallback_tokens`` int64 (B,), the number of the
     row's tokens without a stored signature / vocabulary row (served as a metric).
+
+    The network is the attribute ``dlrm`` whatever its architecture: the name is part of the weight
+    names of every run folder (``dlrm.embedding.memory``, ...), and the exporter reaches the embedding
+    as ``model.dlrm.embedding``. A network has ``embedding`` and ``forward(dense, keys) -> (logit (B, 1),
+    stored (B, F))``.
     """
 
-    def __init__(self, dlrm: DLRM) -> None:
+    if TYPE_CHECKING:  # for mypy only: TorchScript refuses module-typed class annotations
+        dlrm: DLRM | LogisticRegression
+
+    def __init__(self, dlrm: "DLRM | LogisticRegression") -> None:
         super().__init__()
         self.dlrm = dlrm
 
