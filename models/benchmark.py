@@ -2,6 +2,7 @@
 
     flock /tmp/lma-timing.lock python -m models.benchmark ingest --data data/synth_1m.tsv --old-rev b41178c
     flock /tmp/lma-timing.lock python -m models.benchmark train --data data/synth_1m.tsv --kinds full,hash,lma
+    flock /tmp/lma-timing.lock python -m models.benchmark dp --data data/synth_1m.tsv --nproc 1,2
 
 ``ingest``: the reader of a git revision (``models/data.py`` at ``--old-rev``, loaded from git into a
 temporary module, so the product keeps one reader) against the reader of this tree, in alternating
@@ -12,6 +13,9 @@ identical arrays (SHA-256 of dense, keys and labels) and identical skip counts.
 ``train``: training samples/s (forward, backward, optimizer step; no evaluation) of each embedding
 kind at one batch size on the same prepared rows, kinds alternating over rounds.
 
+``dp``: ``lma train`` with 1 process and with N data-parallel processes (same global batch, one epoch,
+one validation), alternating; samples/s is the run's own ``train_samples_per_s`` (training steps only).
+
 Both print a Markdown table with the load average before and after (the machine is shared: compare
 the ratios, which alternating rounds keep fair, more than the absolute numbers).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -91,23 +96,19 @@ def bench_ingest(args: argparse.Namespace) -> str:
     path = Path(args.data)
     impls: dict[str, dict[str, Callable[[], Any]]] = {}
 
+    # The timed part returns the arrays; their digest is taken after the clock stops.
     def chunks(module: Any, **kw: Any) -> Callable[[], Any]:
         def run() -> Any:
             stats = module.ReadStats()
-            rows, digest = _digest(module.iter_chunks(path, args.format, schema, stats=stats, **kw))
-            return rows, digest, stats.to_dict()
+            return list(module.iter_chunks(path, args.format, schema, stats=stats, **kw)), stats
 
         return run
 
     def prepared(module: Any, **kw: Any) -> Callable[[], Any]:
         def run() -> Any:
             folder = tempfile.mkdtemp(prefix="lma-bench-cache-", dir=args.tmp)
-            try:
-                p = module.prepare(path, args.format, folder, schema, progress=False, **kw)
-                rows, digest = _digest([p])
-                return rows, digest, p.stats.to_dict()
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+            p = module.prepare(path, args.format, folder, schema, progress=False, **kw)
+            return [p], p.stats, folder
 
         return run
 
@@ -121,11 +122,14 @@ def bench_ingest(args: argparse.Namespace) -> str:
             outputs = {}
             for name in ("old", "new"):  # alternating: old, new in every round
                 out, wall, cpu = _timed(pair[name])
-                outputs[name] = out
+                rows, digest = _digest(out[0])
+                outputs[name] = (rows, digest, out[1].to_dict())
+                if len(out) > 2:
+                    shutil.rmtree(out[2], ignore_errors=True)
+                del out
                 results[op][name].append((wall, cpu))
-                rows = out[0]
                 _progress(
-                    f"round {r + 1} {op:11s} {name}: {out[0] / wall:,.0f} rows/s ({wall:.2f} s wall, {cpu:.2f} s CPU)"
+                    f"round {r + 1} {op:11s} {name}: {rows / wall:,.0f} rows/s ({wall:.2f} s wall, {cpu:.2f} s CPU)"
                 )
             if outputs["old"] != outputs["new"]:
                 raise AssertionError(f"{op}: old and new readers differ: {outputs['old']} vs {outputs['new']}")
@@ -214,6 +218,42 @@ def bench_train(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def bench_dp(args: argparse.Namespace) -> str:
+    counts = [int(x) for x in args.nproc.split(",") if x]
+    results: dict[str, list[dict[str, Any]]] = {}
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="lma-bench-dp-", dir=args.tmp) as tmp:
+        for r in range(args.rounds):
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                for threads in (args.threads // n, *((1,) if n == 1 and args.threads > 1 and args.single else ())):
+                    label = f"{n} x {threads} thread(s)"
+                    run = Path(tmp) / f"r{r}_{n}_{threads}"
+                    cmd = [sys.executable, "-m", "models.main", "train", "--data", str(args.data), "--cache-dir",
+                           str(args.cache_dir), "--epochs", "1", "--evals-per-epoch", "1", "--batch-size",
+                           str(args.batch_size), "--nproc", str(n), "--threads", str(threads), "--device", "cpu",
+                           "--max-rows", str(args.max_rows), "--no-progress", "--out", str(run)]  # fmt: skip
+                    subprocess.run(cmd, check=True, capture_output=True)
+                    m = json.loads((run / "metrics.json").read_text())
+                    results.setdefault(label, []).append(m)
+                    _progress(f"round {r + 1} {label}: {m['epochs'][0]['train_samples_per_s']:,.0f} samples/s, "
+                              f"val AUC {m['best']['val_auc']:.5f}")  # fmt: skip
+    load_after = _loadavg()
+    lines = [
+        f"`lma train` on {Path(args.data).name} ({args.max_rows or 'all'} rows), small preset, lma 16x, one epoch at "
+        f"global batch {args.batch_size}, {args.rounds} alternating rounds; gloo on CPU",
+        f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
+        "",
+        "| ranks x torch threads | train samples/s (median) | per round | val AUC (median) |",
+        "|---|---:|---|---:|",
+    ]
+    for label, ms in results.items():
+        rates = [m["epochs"][0]["train_samples_per_s"] for m in ms]
+        aucs = [m["best"]["val_auc"] for m in ms]
+        lines.append(f"| {label} | {statistics.median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)} |"
+                     f" {statistics.median(aucs):.5f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.benchmark", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=bench_train)
+    p = sub.add_parser("dp", help="lma train with 1 and N data-parallel processes, alternating rounds")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
+    p.add_argument("--max-rows", type=int, default=0)
+    p.add_argument("--nproc", default="1,2")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2, help="cores to use: each of N ranks gets threads // N")
+    p.add_argument("--single", action="store_true", help="also 1 process with 1 thread")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tmp", type=Path, default=None)
+    p.set_defaults(func=bench_dp)
     args = parser.parse_args(argv)
     sys.stdout.write(args.func(args) + "\n")
     return 0

@@ -102,7 +102,8 @@ def _train(args: argparse.Namespace) -> int:
     except DistributedError as e:  # a rank failed and the run was stopped: one line, not the launcher's traceback
         print(f"lma train: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result.summary(), indent=2))
+    if result is not None:  # under torchrun, rank 0 reports
+        print(json.dumps(result.summary(), indent=2))
     return 0
 
 

@@ -180,9 +180,11 @@ def transform_dense(raw: np.ndarray | Iterable[Iterable[float]]) -> np.ndarray:
 
     The exported graphs take the output of this function (float32, shape (B, n_dense)).
     """
-    x = np.asarray(raw, dtype=np.float64)
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
+    x = np.array(raw, dtype=np.float64)  # one copy; the steps below work in place on it
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(x, 0.0, out=x)
+    np.log1p(x, out=x)
+    return x.astype(np.float32)
 
 
 def criteo_schema(hash_seed: int = 0) -> FeatureSchema:

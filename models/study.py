@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from models.distributed import env_ranks
 from models.train import TrainSettings, train
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ def _floats(text: str) -> list[float]:
 
 
 def run_study(args: argparse.Namespace) -> str:
+    if env_ranks()[1] > 1:
+        raise ValueError("lma study starts its own ranks (--nproc N); do not run it under torchrun")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -52,6 +55,7 @@ def run_study(args: argparse.Namespace) -> str:
                 settings = TrainSettings.from_args(a)
                 name = f"{kind}" if kind in ("full", LINEAR) else f"{kind}_{comp:g}x"
                 result = train(settings, out / "runs" / f"{name}_s{seed}")
+                assert result is not None  # (None only on the other ranks of a torchrun run)
                 m = result.metrics
                 mem = m["memory"]
                 records.append({

@@ -370,10 +370,11 @@ def _prepare(settings: TrainSettings, progress: bool) -> Prepared:
     )
 
 
-def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
+def train(settings: TrainSettings, run_dir: Path) -> TrainResult | None:
     """Train as ``settings`` say and write ``run_dir``; ``settings.nproc > 1`` runs that many ranks here.
 
-    Under torchrun (``WORLD_SIZE`` set), this process is one rank of the run torchrun started.
+    Under torchrun (``WORLD_SIZE`` set), this process is one rank of the run torchrun started, and
+    only rank 0 returns the result (the others return None).
 
     Raises:
         distributed.DistributedError: a rank failed; every rank was stopped.
@@ -388,9 +389,7 @@ def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
         raise ValueError(
             f"--nproc {settings.nproc} under torchrun with WORLD_SIZE={world}: let torchrun start the ranks"
         )
-    result = _train(settings, run_dir)
-    assert result is not None
-    return result
+    return _train(settings, run_dir)
 
 
 def _rank_main(settings: TrainSettings, run_dir: str) -> None:

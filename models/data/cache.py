@@ -141,7 +141,9 @@ def _load_cached(folder: Path, identity: dict[str, object], schema: FeatureSchem
     try:
         meta = json.loads((folder / META_FILE).read_text())
         if meta.get("cache_version") != CACHE_VERSION:
-            log.info("cache %s has format version %r, this build reads %d", folder, meta.get("cache_version"), CACHE_VERSION)
+            log.info(
+                "cache %s has format version %r, this build reads %d", folder, meta.get("cache_version"), CACHE_VERSION
+            )
             return None
         if meta.get("identity") != identity:
             return None
@@ -199,15 +201,21 @@ class _NpyAppender:
 
     def _write_header(self) -> int:
         header = io.BytesIO()
-        d = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.rows, *self.row_shape)}
+        d = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.rows, *self.row_shape),
+        }
         np.lib.format.write_array_header_1_0(header, d)
         self._file.write(header.getvalue())
         return len(header.getvalue())
 
     def append(self, rows: np.ndarray) -> None:
         if rows.dtype != self.dtype or rows.shape[1:] != self.row_shape:
-            raise ValueError(f"{self.path.name}: rows {rows.dtype}{rows.shape} do not match {self.dtype}{self.row_shape}")
-        self._file.write(np.ascontiguousarray(rows).tobytes())
+            raise ValueError(
+                f"{self.path.name}: rows {rows.dtype}{rows.shape} do not match {self.dtype}{self.row_shape}"
+            )
+        self._file.write(np.ascontiguousarray(rows).data)  # the array's own buffer: no copy
         self.rows += len(rows)
 
     def close(self) -> None:

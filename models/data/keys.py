@@ -29,7 +29,16 @@ _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtyp
 
 
 def pack(column: pa.ChunkedArray) -> np.ndarray | None:
-    """A string column -> uint64 (n,) of its values' bytes (missing -> 0); None if a value is longer than 8 bytes."""
+    """A string column -> uint64 (n,) of its values' bytes (missing -> 0); None if a value is longer than 8 bytes.
+
+    A fixed-size 8-byte column (Criteo, :mod:`models.data.parse`) already is that array; Arrow writes
+    zero bytes for a null, so a missing value packs as 0 there too.
+    """
+    if pa.types.is_fixed_size_binary(column.type) and column.type.byte_width == 8:
+        return np.concatenate(
+            [np.frombuffer(c.buffers()[1], "<u8", count=len(c), offset=8 * c.offset) for c in column.chunks]
+            or [np.zeros(0, np.uint64)]
+        )
     parts = []
     for chunk in column.chunks:
         n = len(chunk)

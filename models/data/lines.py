@@ -72,7 +72,8 @@ def byte_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
                 too_long = False
                 head, tail = data[start : nl + 1], data[nl + 1 :]
             else:
-                head, tail = tail + data[: nl + 1], data[nl + 1 :]
+                head = b"".join((tail, memoryview(data)[: nl + 1]))  # one copy, not two
+                tail = data[nl + 1 :]
             if len(tail) > MAX_LINE_BYTES:
                 dropped += 1
                 too_long, tail = True, b""

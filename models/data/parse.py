@@ -3,9 +3,11 @@
 Per block of :func:`models.data.lines.text_blocks` (valid UTF-8, LF line ends, no overlong line):
 
 - ``pyarrow.csv.read_csv`` without quoting, every column typed up front: the label as bytes, dense
-  columns as float64, categorical columns and ids as strings ("" = missing). Rows with a wrong field
-  count go to an invalid-row handler, which counts them; Arrow skips blank lines, counted here from
-  the block's newlines.
+  columns as float64, categorical columns and ids as strings ("" = missing), or, for Criteo (whose
+  values are 8 hex digits), as fixed-size 8-byte values, which are the packed keys of
+  :mod:`models.data.keys` as they come. A column found with a value of another length is read as
+  strings from then on (:class:`Plan`). Rows with a wrong field count go to an invalid-row handler,
+  which counts them; Arrow skips blank lines, counted here from the block's newlines.
 - Fast path for dense values: Arrow parses them as float64 while it reads. A block whose dense text
   is not all numbers makes Arrow refuse the whole block; it is then read again with dense columns as
   text and converted column by column: Arrow's cast where the whole column is numbers, else Python's
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import datetime
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -69,7 +72,23 @@ class Block:
         return len(self.kept)
 
 
-def _read(data: bytes, fmt: Format, stats: ReadStats, dense_as_text: bool) -> tuple[pa.Table, list[int]]:
+@dataclass
+class Plan:
+    """How one read types its columns; learnt as blocks come (one per read, shared by its workers).
+
+    ``wide_columns``: categorical columns of an eight-byte format that held a value of another length,
+    read as strings from then on (a set only grows; a stale read by another worker costs one retry).
+    """
+
+    wide_columns: set[int] = field(default_factory=set)
+
+
+_FAILED_COLUMN = re.compile(r"^In CSV column #(\d+):")
+
+
+def _read(
+    data: bytes, fmt: Format, stats: ReadStats, dense_as_text: bool, fixed: frozenset[int]
+) -> tuple[pa.Table, list[int]]:
     invalid: list[int] = []
 
     def on_invalid(row: pa_csv.InvalidRow) -> str:  # called from Arrow with the GIL held: rare rows only
@@ -80,6 +99,8 @@ def _read(data: bytes, fmt: Format, stats: ReadStats, dense_as_text: bool) -> tu
     types[str(fmt.label_column)] = pa.binary()
     for k in fmt.dense_columns:
         types[str(k)] = pa.binary() if dense_as_text else pa.float64()
+    for k in fixed:
+        types[str(k)] = pa.binary(8)
     table = pa_csv.read_csv(
         pa.py_buffer(data),
         read_options=pa_csv.ReadOptions(
@@ -99,7 +120,7 @@ def _read(data: bytes, fmt: Format, stats: ReadStats, dense_as_text: bool) -> tu
 
 
 def _dense_from_text(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A dense column read as bytes -> (float64 values, NaN = missing; bool mask of values that are not finite numbers)."""
+    """A dense column read as bytes -> (float64 values, NaN = missing; mask of values that are no finite number)."""
     try:
         numbers = pc.cast(column, pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # some value is no number Arrow knows
@@ -135,6 +156,8 @@ def factorize(column: pa.ChunkedArray | Column) -> Column:
         return column
     encoded = pc.dictionary_encode(column)  # the chunks share one dictionary
     values = encoded.chunks[0].dictionary.to_pylist() if encoded.num_chunks else []
+    if pa.types.is_fixed_size_binary(column.type):
+        values = [v.decode("utf-8") for v in values]
     indices = pa.chunked_array([c.indices for c in encoded.chunks], pa.int32())
     codes = pc.fill_null(indices, len(values)).to_numpy()
     return Column(codes, [*values, ""])
@@ -184,19 +207,29 @@ def _count_blank_lines(data: bytes, non_blank: int, stats: ReadStats) -> None:
     stats.skip(BLANK_LINE, lines - non_blank)
 
 
-def parse_block(data: bytes, fmt: Format, stats: ReadStats, want_ids: bool = False) -> Block:
+def parse_block(data: bytes, fmt: Format, stats: ReadStats, want_ids: bool = False, plan: Plan | None = None) -> Block:
     """Parse a clean block of LF-terminated lines; malformed lines are skipped and counted in ``stats``."""
-    scratch = ReadStats()  # the fast path may give up on a block: count only the read that stands
-    try:
-        table, invalid = _read(data, fmt, scratch, dense_as_text=False)
-        dense_parts = [_dense_from_numbers(table.column(k)) for k in fmt.dense_columns]
-    except pa.ArrowInvalid:  # a dense value Arrow could not read as a number: read the block again as text
-        scratch = ReadStats()
+    plan = plan if plan is not None else Plan()
+    dense_as_text = False
+    while True:  # the fast path first; each failure widens one column's type, so this ends
+        scratch = ReadStats()  # count only the read that stands
+        fixed = frozenset(fmt.categorical_columns if fmt.eight_byte_values else ()) - plan.wide_columns
         try:
-            table, invalid = _read(data, fmt, scratch, dense_as_text=True)
+            table, invalid = _read(data, fmt, scratch, dense_as_text, fixed)
+            break
         except pa.ArrowInvalid as e:
-            raise ValueError(f"cannot parse a block of {fmt.name} lines: {e}") from e
-        dense_parts = [_dense_from_text(table.column(k)) for k in fmt.dense_columns]
+            match = _FAILED_COLUMN.match(str(e))
+            column = int(match.group(1)) if match else None
+            if column in fixed:
+                plan.wide_columns.add(column)  # a value of another length: strings, for the rest of the read
+            elif not dense_as_text and (column is None or column in fmt.dense_columns):
+                dense_as_text = True  # a dense value Arrow could not read as a number: this block as text
+            elif fixed:
+                plan.wide_columns.update(fixed)
+            else:
+                raise ValueError(f"cannot parse a block of {fmt.name} lines: {e}") from e
+    parse = _dense_from_text if dense_as_text else _dense_from_numbers
+    dense_parts = [parse(table.column(k)) for k in fmt.dense_columns]
     stats.add(scratch)
     n = table.num_rows
     _count_blank_lines(data, n + len(invalid), stats)

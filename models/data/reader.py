@@ -33,7 +33,7 @@ import numpy as np
 from models.data.formats import FORMATS, Format, ReadStats, check_schema, schema_for_format, spec
 from models.data.keys import KeyCache
 from models.data.lines import text_blocks
-from models.data.parse import Block, factorize, line_end, parse_block
+from models.data.parse import Block, Plan, factorize, line_end, parse_block
 from models.schema import FeatureSchema, transform_dense
 
 __all__ = ["FORMATS", "Chunk", "RawRow", "ReadStats", "iter_chunks", "iter_raw", "schema_for_format"]
@@ -78,10 +78,10 @@ def default_workers() -> int:
 
 
 def _work(
-    data: bytes, fmt: Format, want_ids: bool, finish: Callable[[Block], Any] | None
+    data: bytes, fmt: Format, want_ids: bool, finish: Callable[[Block], Any] | None, plan: Plan
 ) -> tuple[Block, ReadStats, Any]:
     stats = ReadStats()
-    block = parse_block(data, fmt, stats, want_ids)
+    block = parse_block(data, fmt, stats, want_ids, plan)
     return block, stats, finish(block) if finish is not None else None
 
 
@@ -103,6 +103,7 @@ def _blocks(
         raise ValueError(f"max_rows must be >= 0 (0: all rows), got {max_rows}")
     workers = workers or default_workers()
     remaining = max_rows or -1
+    plan = Plan()
     blocks = text_blocks(Path(path), fmt)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="lma-parse")
     pending: deque[tuple[bytes, ReadStats, Future[tuple[Block, ReadStats, Any]] | None]] = deque()
@@ -115,7 +116,7 @@ def _blocks(
                     exhausted = True
                 else:
                     data, line_stats = item
-                    future = pool.submit(_work, data, fmt, want_ids, finish) if data else None
+                    future = pool.submit(_work, data, fmt, want_ids, finish, plan) if data else None
                     pending.append((data, line_stats, future))
             if not pending:
                 return
@@ -125,7 +126,9 @@ def _blocks(
                 continue
             block, block_stats, out = future.result()
             if 0 <= remaining < len(block):  # the limit falls inside this block: parse only up to its last row
-                block, block_stats, out = _work(data[: line_end(data, block, remaining - 1)], fmt, want_ids, finish)
+                block, block_stats, out = _work(
+                    data[: line_end(data, block, remaining - 1)], fmt, want_ids, finish, plan
+                )
             stats.add(block_stats)
             if len(block):
                 yield block, out

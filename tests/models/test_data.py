@@ -368,6 +368,36 @@ def test_prepare_rebuilds_damaged_cache(tmp_path: Path, damage: str) -> None:
     np.testing.assert_array_equal(again.keys, keys)
 
 
+@pytest.mark.parametrize("version", [1, 3, None])
+def test_a_cache_of_another_format_version_is_rebuilt_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int | None
+) -> None:
+    from models.data.cache import CACHE_VERSION, lookup
+
+    src = _criteo_file(tmp_path / "train.txt", 2)
+    first = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
+    meta_path = first.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert CACHE_VERSION == 2 and meta["cache_version"] == 2
+    keys = np.array(first.keys)
+    del first
+    # What another build left: same folder, same identity, other version, arrays that must not be read.
+    if version is None:
+        del meta["cache_version"]
+    else:
+        meta["cache_version"] = version
+    meta_path.write_text(json.dumps(meta))
+    np.save(meta_path.parent / "keys.npy", np.zeros_like(keys))
+    assert lookup(src, "criteo", tmp_path / "cache", criteo_schema()) is None
+    calls = []
+    real = reader.iter_chunks
+    monkeypatch.setattr(reader, "iter_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
+    assert calls == [1]  # parsed again
+    np.testing.assert_array_equal(again.keys, keys)
+    assert json.loads(meta_path.read_text())["cache_version"] == 2
+
+
 def test_prepare_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         prepare(tmp_path / "missing.txt", "criteo", tmp_path / "cache", criteo_schema(), progress=False)
@@ -485,3 +515,18 @@ def test_distinct_tokens_on_prepared_file(tmp_path: Path) -> None:
     tokens, counts = distinct_tokens(p, rows, chunk_rows=3)
     assert dict(zip(tokens.tolist(), counts.tolist(), strict=True)) == expected
     assert tokens.tolist() == sorted(expected)
+
+
+def test_a_column_that_turns_wide_later_is_read_as_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Criteo's ids are 8 hex digits, read as fixed-size values; a later block with another length widens
+    that column (and only it) to strings, with the same keys either way."""
+    fields = CRITEO_LINES[0].split("\t")
+    values = [f"{i:08x}" for i in range(40)] + ["abc", "0123456789", "", "ff"]
+    rows = ["\t".join([*fields[:20], v, *fields[21:]]) for v in values]
+    path = _write(tmp_path / "t.txt", "\n".join(rows) + "\n")
+    monkeypatch.setattr(lines, "READ_BYTES", 3000)  # several blocks: the first all 8-byte
+    schema = criteo_schema()
+    chunk = _one_chunk(path, "criteo", schema)
+    assert chunk.keys[:, 6].tolist() == [schema.key(6, v) for v in values]
+    assert chunk.keys[:, 0].tolist() == [schema.key(0, "68fd1e64")] * len(values)
+    assert [r.categorical[6] for r in iter_raw(path, "criteo")] == [v or None for v in values]
