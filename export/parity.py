@@ -71,7 +71,7 @@ def random_cases(model: nn.Module, schema: FeatureSchema, seed: int = 0) -> list
 def data_cases(cfg: RunConfig, limit: int = max(PARITY_BATCH_SIZES)) -> list[ParityCase]:
     """Rows of the run's training data (``config.json`` ``data.cache``), if that cache is readable.
 
-    The cache is the folder :func:`models.data.prepare` writes (``dense.npy``, already transformed,
+    The cache is the folder :func:`models.data.cache.prepare` writes (``dense.npy``, already transformed,
     and ``keys.npy``, memory-mapped); rows are taken evenly spaced over the file. Returns [] when
     the run names no cache or it is gone or does not match the schema.
     """

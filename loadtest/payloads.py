@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from models.data import FORMATS, iter_raw, schema_for_format
+from models.data.reader import FORMATS, iter_raw, schema_for_format
 from models.schema import CRITEO_CATEGORICAL, CRITEO_DENSE
 
 ENTITY_PREFIX = "user:"
@@ -82,7 +82,7 @@ class Rows:
 
 
 def read_rows(path: str | Path, fmt: str = "criteo", limit: int = 4096) -> Rows:
-    """The first ``limit`` rows of a data file in one of ``models.data.FORMATS`` (Criteo TSV or CSV, Avazu CSV)."""
+    """The first ``limit`` rows of a data file in one of ``models.data.reader.FORMATS`` (Criteo TSV/CSV, Avazu CSV)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
     schema = schema_for_format(fmt)
@@ -323,7 +323,7 @@ class LoadTestConfig:
     """Settings of the locustfile, from ``LMA_LOADTEST_*`` environment variables.
 
     - ``LMA_LOADTEST_DATA``: Criteo TSV / Avazu CSV to replay (empty: synthetic Criteo-shaped rows)
-    - ``LMA_LOADTEST_FORMAT``: one of ``models.data.FORMATS`` (default ``criteo``)
+    - ``LMA_LOADTEST_FORMAT``: one of ``models.data.reader.FORMATS`` (default ``criteo``)
     - ``LMA_LOADTEST_MODEL``: model name (empty: the server's default model on ``/v1/predict``; the v2 and
       feature-store users then ask ``GET /v1/models`` for it)
     - ``LMA_LOADTEST_ROWS`` (4096), ``LMA_LOADTEST_BATCH`` (32), ``LMA_LOADTEST_V2_BATCH`` (1),

@@ -14,8 +14,10 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models import linear
 from models.dlrm import DLRM, CTRModel, DLRMConfig, build_embedding
 from models.embeddings import FLOAT_BYTES, EmbeddingConfig, FullEmbedding, SharedMemoryEmbedding
+from models.linear import LinearConfig, LogisticRegression
 from models.schema import FeatureSchema
 
 RUN_FORMAT = "lma-run/1"
@@ -28,7 +30,7 @@ class RunConfig:
     """What a run folder's config.json holds."""
 
     schema: FeatureSchema
-    model: DLRMConfig
+    model: DLRMConfig | LinearConfig  # the network's shapes; its "architecture" entry says which
     embedding: EmbeddingConfig
     full_embedding_bytes: int  # distinct training tokens x D x 4
     distinct_tokens: int
@@ -61,7 +63,7 @@ class RunConfig:
         known = {"format", "schema", "model", "embedding", "sizes", "data_format"}
         return cls(
             schema=FeatureSchema.from_dict(d["schema"]),
-            model=DLRMConfig.from_dict(d["model"]),
+            model=model_config_from_dict(d["model"]),
             embedding=EmbeddingConfig.from_dict(d["embedding"]),
             full_embedding_bytes=int(sizes["full_embedding_bytes"]),
             distinct_tokens=int(sizes["distinct_tokens"]),
@@ -72,18 +74,32 @@ class RunConfig:
         )
 
 
+def model_config_from_dict(d: dict[str, Any]) -> DLRMConfig | LinearConfig:
+    """The network config of ``config.json``'s ``model`` entry (no ``architecture``: a DLRM, as before it existed)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"model config must be an object, got {type(d).__name__}")
+    arch = d.get("architecture", "dlrm")
+    if arch == linear.ARCHITECTURE:
+        return LinearConfig.from_dict(d)
+    if arch == "dlrm":
+        return DLRMConfig.from_dict(d)
+    raise ValueError(f"unknown model architecture {arch!r}; this build knows 'dlrm' and {linear.ARCHITECTURE!r}")
+
+
 def build_model(cfg: RunConfig) -> CTRModel:
-    """A model with the config's shapes (weights random, tables empty until loaded)."""
+    """A model with the config's shapes (weights initialised, tables empty until loaded)."""
     embedding = build_embedding(
         cfg.embedding, cfg.model.num_fields, cfg.full_embedding_bytes, cfg.vocab_size, cfg.table_buckets
     )
+    if isinstance(cfg.model, LinearConfig):
+        return CTRModel(LogisticRegression(cfg.model, embedding))
     return CTRModel(DLRM(cfg.model, embedding))
 
 
 def save_run(run_dir: Path, model: CTRModel, cfg: RunConfig) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = run_dir / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(run_dir / WEIGHTS_FILE)  # never leave a half-written checkpoint behind

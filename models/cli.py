@@ -5,9 +5,18 @@ Registration imports nothing heavy; each handler imports what it needs.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from models.names import EMBEDDING_KINDS, FORMATS, PRESET_NAMES, SEMANTIC_MODES
+from models.names import (
+    DEVICES,
+    EMBEDDING_KINDS,
+    FORMATS,
+    LR_SCHEDULES,
+    MODEL_KINDS,
+    PRESET_NAMES,
+    SEMANTIC_MODES,
+)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -26,7 +35,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser("study", help="full / hash / lma over a list of compressions, everything else equal")
     add_train_arguments(p)
     p.add_argument("--compressions", type=str, default="4,8,16,32,64", help="comma-separated list")
-    p.add_argument("--kinds", type=str, default="full,hash,lma", help="comma-separated list")
+    p.add_argument("--kinds", type=str, default="full,hash,lma,lr", help="comma-separated; lr: the linear reference")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated training seeds (spreads)")
     p.add_argument("--out", type=Path, required=True, help="study folder (runs, table, plot)")
     p.set_defaults(func=_study, extra="train")
@@ -42,10 +51,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-rows", type=int, default=0, help="read at most this many rows (0: all)")
     d.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="parsed-array cache")
     m = p.add_argument_group("model")
+    m.add_argument("--model", choices=MODEL_KINDS, default="dlrm", help="dlrm, or lr: the linear reference")
     m.add_argument("--preset", choices=PRESET_NAMES, default="small")
-    m.add_argument("--embedding", choices=EMBEDDING_KINDS, default="lma")
-    m.add_argument("--dim", type=int, default=0, help="embedding dimension (0: the preset's)")
-    m.add_argument("--compression", type=float, default=16.0)
+    m.add_argument("--embedding", choices=EMBEDDING_KINDS, default=None, help="default: lma (dlrm), hash (lr)")
+    m.add_argument("--dim", type=int, default=0, help="embedding dimension (0: the preset's; lr: 1)")
+    m.add_argument("--compression", type=float, default=None, help="default: 16 (dlrm), 1 (lr)")
     m.add_argument("--block-size", type=int, default=0, help="Z (0: gcd(8, dim))")
     m.add_argument("--per-block", type=int, default=8, help="K: packed values per block's bucket key")
     m.add_argument("--bits", type=int, default=4, help="b: bits per packed minhash value")
@@ -57,12 +67,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--optimizer", choices=("sgd", "adagrad", "adam"), default="adagrad")
     t.add_argument("--lr", type=float, default=0.0, help="learning rate (0: the optimizer's default)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="decay over the planned steps")
+    t.add_argument("--embedding-l2", type=float, default=0.0, help="L2 penalty on every looked-up embedding vector")
+    t.add_argument("--epochs", type=int, default=10, help="at most this many (early stop on validation AUC)")
+    t.add_argument(
+        "--batch-size", type=int, default=0,
+        help="global batch size, split over --nproc ranks (0: the largest of 1024..64 giving >= 150 steps an epoch)",
+    )  # fmt: skip
+    t.add_argument("--evals-per-epoch", type=int, default=4, help="validations per epoch (the best is kept)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--patience", type=int, default=1, help="epochs without val AUC gain before stopping")
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    t.add_argument("--patience", type=int, default=4, help="validations without val AUC gain before stopping")
+    t.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: the cores / local ranks)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("data-parallel (docs/RESULTS.md; several machines: torchrun, see models/distributed.py)")
+    r.add_argument("--nproc", type=int, default=1, help="ranks on this machine (gloo on CPU, NCCL on GPU)")
+    r.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present")
+    r.add_argument("--dist-timeout", type=float, default=300.0, help="seconds any collective may wait for a rank")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -74,10 +94,16 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from models.distributed import DistributedError
     from models.train import TrainSettings, train
 
-    result = train(TrainSettings.from_args(args), args.out)
-    print(json.dumps(result.summary(), indent=2))
+    try:
+        result = train(TrainSettings.from_args(args), args.out)
+    except DistributedError as e:  # a rank failed and the run was stopped: one line, not the launcher's traceback
+        print(f"lma train: error: {e}", file=sys.stderr)
+        return 1
+    if result is not None:  # under torchrun, rank 0 reports
+        print(json.dumps(result.summary(), indent=2))
     return 0
 
 

@@ -99,6 +99,14 @@ class FeatureSchema:
         """Key of one raw value of field ``field_index``."""
         return self._hashers[field_index](value)
 
+    def field_keys(self, field_index: int, values: Sequence[object]) -> np.ndarray:
+        """Keys of many raw values of field ``field_index`` -> int64 (n,); the same as :meth:`key` of each.
+
+        The readers call this once per block and field with the block's distinct values: the lookups
+        of values seen before run at C speed (``map`` over the field's cache), only new ones are hashed.
+        """
+        return np.array(self._hashers[field_index].many(values), dtype=np.int64)
+
     def keys_for(self, rows: Sequence[Sequence[object]]) -> np.ndarray:
         """Keys of raw categorical rows, each a sequence of ``num_fields`` values -> int64 (B, F)."""
         for i, row in enumerate(rows):
@@ -171,6 +179,13 @@ class _FieldHasher:
         h = self._h.copy()
         h.update(data)
         return int.from_bytes(h.digest(), "little") & KEY_MASK
+
+    def many(self, values: Sequence[object]) -> list[int]:
+        keys: list[int | None] = list(map(self.cache.get, values))
+        if None in keys:
+            for i in [i for i, k in enumerate(keys) if k is None]:
+                keys[i] = self(values[i])
+        return keys  # type: ignore[return-value]
 
     def __call__(self, value: object) -> int:
         cache = self.cache

@@ -1,10 +1,13 @@
-"""The compression study: full / hash / lma over a list of compressions, everything else equal.
+"""The compression study: full / hash / lma over a list of compressions, and the linear reference; all else equal.
 
     lma study --data data/synth_1m.tsv --compressions 4,8,16,32,64 --seeds 0,1,2 --out runs/study
 
 Writes OUT/study.json (every run's numbers), OUT/study.md (a table of means and spreads over seeds)
 and OUT/auc_vs_bytes.png. Every run uses the same data split, preset, optimizer, epochs and batch
-size; ``full`` has no compression knob and is trained once per seed.
+size; ``full`` has no compression knob and is trained once per seed, and so is ``lr``, the linear
+reference (logistic regression, one hashed weight per token: ``--model lr``, hash at 1x). The table's
+last column is each row's test AUC minus the linear reference's, paired by seed: whether the DLRM
+beats a linear model on the same split.
 """
 
 import argparse
@@ -16,9 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from models.distributed import env_ranks
 from models.train import TrainSettings, train
 
 log = logging.getLogger(__name__)
+
+LINEAR = "lr"  # the study's name for the linear reference
 
 
 def _floats(text: str) -> list[float]:
@@ -29,6 +35,8 @@ def _floats(text: str) -> list[float]:
 
 
 def run_study(args: argparse.Namespace) -> str:
+    if env_ranks()[1] > 1:
+        raise ValueError("lma study starts its own ranks (--nproc N); do not run it under torchrun")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -37,12 +45,17 @@ def run_study(args: argparse.Namespace) -> str:
     records: list[dict[str, Any]] = []
     for seed in seeds:
         for kind in kinds:
-            for comp in [1.0] if kind == "full" else compressions:
+            for comp in [1.0] if kind in ("full", LINEAR) else compressions:
                 a = copy.copy(args)
-                a.embedding, a.compression, a.seed = kind, comp, seed
+                if kind == LINEAR:
+                    a.model, a.embedding, a.compression, a.dim = "lr", "hash", 1.0, 0
+                else:
+                    a.model, a.embedding, a.compression = "dlrm", kind, comp
+                a.seed = seed
                 settings = TrainSettings.from_args(a)
-                name = f"{kind}" if kind == "full" else f"{kind}_{comp:g}x"
+                name = f"{kind}" if kind in ("full", LINEAR) else f"{kind}_{comp:g}x"
                 result = train(settings, out / "runs" / f"{name}_s{seed}")
+                assert result is not None  # (None only on the other ranks of a torchrun run)
                 m = result.metrics
                 mem = m["memory"]
                 records.append({
@@ -59,6 +72,8 @@ def run_study(args: argparse.Namespace) -> str:
                     "signature_table_bytes": mem["embedding_parts"].get("signature_table", 0),
                     "train_samples_per_s": m["epochs"][-1]["train_samples_per_s"],
                     "signed_tokens": m.get("signatures", {}).get("signed_tokens", 0),
+                    "best_step": m["best"].get("step"),
+                    "batch_size": m.get("batch_size"),
                 })  # fmt: skip
                 log.info("study: %s seed %d -> test AUC %.5f", name, seed, m["test"]["auc"])
                 (out / "study.json").write_text(json.dumps(records, indent=2))
@@ -72,19 +87,23 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["kind"], r["compression_setting"]), []).append(r)
+    linear = {r["seed"]: r["test_auc"] for r in records if r["kind"] == LINEAR}
     lines = [
         "| kind | setting | seeds | test AUC (mean ± sd) | test logloss | embedding bytes | total bytes |"
-        " emb. compression (signatures counted) | signed tokens | train samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " emb. compression (signatures counted) | signed tokens | train samples/s | vs lr (paired by seed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (kind, comp), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (kind, comp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == LINEAR, kv[0][1], kv[0][0])):
         auc = np.array([r["test_auc"] for r in rs])
         ll = np.array([r["test_logloss"] for r in rs])
+        paired = [r["test_auc"] - linear[r["seed"]] for r in rs if r["seed"] in linear]
+        vs = "-" if kind == LINEAR or not paired else f"{np.mean(paired):+.4f} ± {np.std(paired):.4f}"
+        setting = "hash 1x" if kind == LINEAR else "-" if kind == "full" else f"{comp:g}x"
         lines.append(
-            f"| {kind} | {'-' if kind == 'full' else f'{comp:g}x'} | {len(rs)} | {auc.mean():.4f} ± {auc.std():.4f} |"
+            f"| {kind} | {setting} | {len(rs)} | {auc.mean():.4f} ± {auc.std():.4f} |"
             f" {ll.mean():.4f} | {rs[0]['embedding_bytes']:,} | {rs[0]['total_bytes']:,} |"
             f" {rs[0]['embedding_compression']:.2f}x | {rs[0]['signed_tokens']:,} |"
-            f" {np.mean([r['train_samples_per_s'] for r in rs]):,.0f} |"
+            f" {np.mean([r['train_samples_per_s'] for r in rs]):,.0f} | {vs} |"
         )
     return "\n".join(lines)
 
@@ -96,7 +115,7 @@ def plot_study(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind, marker in (("full", "*"), ("hash", "o"), ("lma", "s")):
+    for kind, marker in (("full", "*"), ("hash", "o"), ("lma", "s"), (LINEAR, "x")):
         rs = [r for r in records if r["kind"] == kind]
         if not rs:
             continue

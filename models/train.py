@@ -1,19 +1,29 @@
-"""Training and evaluation of DLRM with full, hash or LMA embeddings; writes a run folder.
+"""Training and evaluation of a DLRM (full, hash or LMA embeddings) or the linear reference; writes a run folder.
 
     lma train --data data/synth.tsv --embedding lma --compression 16 --preset small --out runs/lma16
+    lma train --data data/synth.tsv --model lr --out runs/lr            # the linear reference (hash, 1x)
+    lma train --data data/synth.tsv --nproc 2 --out runs/dp2            # data-parallel (models/distributed.py)
 
 Run folder: model.safetensors (best validation AUC), config.json (schema, model, embedding, sizes,
-training settings, data statistics, signature report), metrics.json (per-epoch val AUC/logloss,
-test metrics, memory accounting), curve.png. The checkpoint is rewritten after every epoch that
-improves validation AUC, so an interrupted run keeps its best epoch.
+training settings, data statistics, signature report), metrics.json (every validation, per-epoch
+summaries, test metrics, memory accounting), curve.png.
+
+The recipe (docs/RESULTS.md, "Small data" shows why each part is there): validation runs
+``evals_per_epoch`` times per epoch and the checkpoint is rewritten whenever validation AUC improves
+(so an interrupted run keeps its best, and a model that starts to overfit inside an epoch is caught
+at its best); training stops after ``patience`` validations without a gain; the looked-up embedding
+vectors carry an L2 penalty (``embedding_l2``, per occurrence: frequent tokens are held as much as
+their data allows, a token seen twice cannot memorise its labels); the learning rate follows
+``lr_schedule`` over the planned steps.
 """
 
 import argparse
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +32,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import data as data_mod
-from models.checkpoint import RunConfig, build_model, memory_accounting, save_run
+from models import distributed
+from models.checkpoint import RunConfig, build_model, load_run, memory_accounting, save_run
+from models.data import cache as data_cache
+from models.data.batches import distinct_tokens, iter_batches, shard_of
+from models.data.cache import Prepared
+from models.data.formats import schema_for_format
 from models.dlrm import CTRModel, DLRMConfig
 from models.embeddings import FLOAT_BYTES, EmbeddingConfig, FullEmbedding, SharedMemoryEmbedding
 from models.hashtable import build_table
+from models.linear import LinearConfig
+from models.names import LR_SCHEDULES, MODEL_KINDS
 from models.signatures import compute_signatures
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.02, "adam": 1e-3}
+MAX_AUTO_BATCH, MIN_AUTO_BATCH, MIN_STEPS_PER_EPOCH = 1024, 64, 150
 EVAL_BATCH = 8192
 
 
@@ -44,34 +61,65 @@ class TrainSettings:
     test_fraction: float = 0.1
     max_rows: int = 0
     cache_dir: Path = Path("data/cache")
+    model: str = "dlrm"
     preset: str = "small"
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     optimizer: str = "adagrad"
     lr: float = 0.0
-    epochs: int = 1
-    batch_size: int = 1024
+    lr_schedule: str = "constant"
+    embedding_l2: float = 0.0
+    epochs: int = 10
+    batch_size: int = 0  # 0: auto_batch_size()
+    evals_per_epoch: int = 4
     seed: int = 0
-    patience: int = 1
+    patience: int = 4
     threads: int = 0
+    nproc: int = 1
+    device: str = "auto"
+    dist_timeout: float = 300.0
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
             raise ValueError(f"optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
+        if self.model == "lr" and self.embedding.embedding_dim != 1:
+            raise ValueError(f"the linear reference has one weight per token: embedding_dim must be 1, got "
+                             f"{self.embedding.embedding_dim}")  # fmt: skip
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr == 0.0:
             self.lr = DEFAULT_LR[self.optimizer]
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ValueError("lr, epochs, batch_size and patience must be positive")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be positive (0: auto), got {self.batch_size}")
+        for name in ("lr", "epochs", "patience", "evals_per_epoch", "nproc", "dist_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.embedding_l2 >= 0:
+            raise ValueError(f"embedding_l2 must be >= 0, got {self.embedding_l2}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: the cores, shared between local ranks), got {self.threads}")
+        if self.device != "auto":
+            distributed.resolve_device(self.device)  # refuse cuda where there is none, now rather than in a rank
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainSettings":
         from models.dlrm import PRESETS
 
-        dim = args.dim or int(PRESETS[args.preset]["embedding_dim"])  # type: ignore[call-overload]
+        model = getattr(args, "model", "dlrm")
+        kind = args.embedding or ("hash" if model == "lr" else "lma")
+        compression = args.compression or (1.0 if model == "lr" else 16.0)
+        if model == "lr":
+            if args.dim not in (0, 1):
+                raise ValueError(f"--model lr has one weight per token: --dim must be 1 (or 0), got {args.dim}")
+            dim = 1
+        else:
+            dim = args.dim or int(PRESETS[args.preset]["embedding_dim"])  # type: ignore[call-overload]
         emb = EmbeddingConfig(
-            kind=args.embedding,
+            kind=kind,
             embedding_dim=dim,
-            compression=args.compression,
+            compression=compression,
             block_size=args.block_size,
             per_block=args.per_block,
             bits=args.bits,
@@ -90,15 +138,22 @@ class TrainSettings:
             test_fraction=args.test_fraction,
             max_rows=args.max_rows,
             cache_dir=args.cache_dir,
+            model=model,
             preset=args.preset,
             embedding=emb,
             optimizer=args.optimizer,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            embedding_l2=args.embedding_l2,
             epochs=args.epochs,
             batch_size=args.batch_size,
+            evals_per_epoch=args.evals_per_epoch,
             seed=args.seed,
             patience=args.patience,
             threads=args.threads,
+            nproc=args.nproc,
+            device=args.device,
+            dist_timeout=args.dist_timeout,
             progress=not args.no_progress,
         )
 
@@ -120,6 +175,7 @@ class TrainResult:
         mem = self.metrics["memory"]
         return {
             "run_dir": str(self.run_dir),
+            "model": self.metrics.get("model", "dlrm"),
             "kind": mem["kind"],
             "best_val_auc": self.metrics["best"]["val_auc"],
             "test_auc": self.metrics["test"]["auc"],
@@ -128,6 +184,7 @@ class TrainResult:
             "full_embedding_bytes": mem["full_embedding_bytes"],
             "embedding_compression": round(mem["embedding_compression"], 3),
             "train_samples_per_s": last.get("train_samples_per_s"),
+            "ranks": self.metrics.get("distributed", {}).get("world", 1),
         }
 
 
@@ -155,18 +212,40 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: CTRModel, prepared: "data_mod.Prepared", indices: np.ndarray) -> dict[str, float]:
+def evaluate(
+    model: CTRModel, prepared: Prepared, indices: np.ndarray, ctx: distributed.Context | None = None
+) -> dict[str, float]:
+    """AUC and logloss of ``model`` on the given rows; with a distributed ``ctx``, every rank scores its
+    shard and the metrics are computed over all ranks' predictions (the same numbers on every rank)."""
+    ctx = ctx or distributed.Context()
+    was_training = model.training
     model.eval()
     probs, labels = [], []
-    for dense, keys, y in data_mod.iter_batches(prepared, indices, EVAL_BATCH, shuffle=False, seed=0):
-        p, _ = model(dense, keys)
-        probs.append(p.squeeze(1).numpy())
+    local = shard_of(np.asarray(indices), ctx.rank, ctx.world)
+    for dense, keys, y in iter_batches(prepared, local, EVAL_BATCH, shuffle=False, seed=0):
+        p, _ = model(dense.to(ctx.device), keys.to(ctx.device))
+        probs.append(p.squeeze(1).cpu().numpy())
         labels.append(y.numpy())
-    model.train()
-    if not probs:
+    model.train(was_training)
+    yv = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    pv = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    yv, pv = distributed.gather_arrays(ctx, yv, pv)
+    if yv.size == 0:
         return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
-    yv, pv = np.concatenate(labels), np.concatenate(probs)
     return {"auc": roc_auc(yv, pv), "logloss": log_loss(yv, pv), "rows": int(yv.size)}
+
+
+def auto_batch_size(train_rows: int) -> int:
+    """The largest of 1024, 512, ..., 64 that gives an epoch at least 150 steps.
+
+    Measured (docs/RESULTS.md): a DLRM is at its best after about one pass over small data and needs
+    updates within that pass; on 50k rows batch 1024 (39 steps an epoch) ended 0.007 test AUC below
+    batch 256, while on 1M rows 1024 lost nothing and runs fastest.
+    """
+    batch = MAX_AUTO_BATCH
+    while batch > MIN_AUTO_BATCH and math.ceil(train_rows / batch) < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return batch
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -178,15 +257,36 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
     return torch.optim.Adam(params, lr=settings.lr)
 
 
+def make_schedule(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``constant``, or a decay from the set rate to 0 at the last planned step (``linear``, ``cosine``)."""
+    total = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        done = min(step, total) / total
+        if schedule == "linear":
+            return 1.0 - done
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * done))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def build_run_config(
-    settings: TrainSettings, prepared: "data_mod.Prepared", train_idx: np.ndarray
+    settings: TrainSettings, prepared: Prepared, train_idx: np.ndarray
 ) -> tuple[RunConfig, dict[str, Any]]:
     """Token statistics of the training split -> sizes, and for ``full`` the vocabulary."""
     emb = settings.embedding
-    tokens, counts = data_mod.distinct_tokens(prepared, train_idx)
+    tokens, counts = distinct_tokens(prepared, train_idx)
     full_bytes = int(tokens.size) * emb.embedding_dim * FLOAT_BYTES
     schema = prepared.schema
-    model_cfg = DLRMConfig.from_preset(settings.preset, schema.num_dense, schema.num_fields, emb.embedding_dim)
+    model_cfg: DLRMConfig | LinearConfig
+    if settings.model == "lr":
+        model_cfg = LinearConfig(schema.num_dense, schema.num_fields)
+    else:
+        model_cfg = DLRMConfig.from_preset(settings.preset, schema.num_dense, schema.num_fields, emb.embedding_dim)
     cfg = RunConfig(
         schema=schema,
         model=model_cfg,
@@ -210,7 +310,7 @@ def fill_tables(
     model: CTRModel,
     cfg: RunConfig,
     settings: TrainSettings,
-    prepared: "data_mod.Prepared",
+    prepared: Prepared,
     train_idx: np.ndarray,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
@@ -243,7 +343,7 @@ def fill_tables(
     return {"signatures": {**sigs.report, "table": dict(report)}}
 
 
-def plot_curve(path: Path, step_loss: list[tuple[int, float]], epochs: list[dict[str, Any]]) -> None:
+def plot_curve(path: Path, step_loss: list[tuple[int, float]], evaluations: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,108 +355,219 @@ def plot_curve(path: Path, step_loss: list[tuple[int, float]], epochs: list[dict
         a1.plot(s, loss)
     a1.set_xlabel("samples")
     a1.set_ylabel("train loss (running mean)")
-    a2.plot([e["epoch"] for e in epochs], [e["val_auc"] for e in epochs], marker="o")
-    a2.set_xlabel("epoch")
+    a2.plot([e["samples"] for e in evaluations], [e["val_auc"] for e in evaluations], marker="o")
+    a2.set_xlabel("samples")
     a2.set_ylabel("validation AUC")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def train(settings: TrainSettings, run_dir: Path) -> TrainResult:
-    run_dir = Path(run_dir)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    schema = data_mod.schema_for_format(settings.format)
-    prepared = data_mod.prepare(
-        settings.data,
-        settings.format,
-        settings.cache_dir,
-        schema,
-        max_rows=settings.max_rows,
-        progress=settings.progress,
+def _prepare(settings: TrainSettings, progress: bool) -> Prepared:
+    schema = schema_for_format(settings.format)
+    return data_cache.prepare(
+        settings.data, settings.format, settings.cache_dir, schema, max_rows=settings.max_rows, progress=progress
     )
+
+
+def train(settings: TrainSettings, run_dir: Path) -> TrainResult | None:
+    """Train as ``settings`` say and write ``run_dir``; ``settings.nproc > 1`` runs that many ranks here.
+
+    Under torchrun (``WORLD_SIZE`` set), this process is one rank of the run torchrun started, and
+    only rank 0 returns the result (the others return None).
+
+    Raises:
+        distributed.DistributedError: a rank failed; every rank was stopped.
+    """
+    run_dir = Path(run_dir)
+    world = distributed.env_ranks()[1]
+    if settings.nproc > 1 and world == 1:
+        _prepare(settings, settings.progress)  # parse once, here, before the ranks start
+        distributed.launch(settings.nproc, _rank_main, (settings, str(run_dir)), log.isEnabledFor(logging.DEBUG))
+        return TrainResult(run_dir, json.loads((run_dir / "metrics.json").read_text()))
+    if settings.nproc > 1 and settings.nproc != world:
+        raise ValueError(
+            f"--nproc {settings.nproc} under torchrun with WORLD_SIZE={world}: let torchrun start the ranks"
+        )
+    return _train(settings, run_dir)
+
+
+def _rank_main(settings: TrainSettings, run_dir: str) -> None:
+    import threading
+
+    # tqdm's default lock is a multiprocessing semaphore, which a killed rank would leave to the
+    # launcher's resource tracker ("leaked semaphore" warnings); a rank needs only a thread lock.
+    tqdm.set_lock(threading.RLock())
+    _train(settings, Path(run_dir))
+
+
+def _train(settings: TrainSettings, run_dir: Path) -> TrainResult | None:
+    """One rank's whole run (the only one without torch.distributed); returns the result on rank 0."""
+    _, _, local_rank, local_world = distributed.env_ranks()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(settings.threads or max(1, cores // local_world))
+    torch.manual_seed(settings.seed)
+    ctx = distributed.init(settings.device, settings.dist_timeout)
+    try:
+        if ctx.distributed:  # the first rank of each machine parses (or finds) the cache, the others wait
+            if local_rank == 0:
+                prepared = _prepare(settings, settings.progress)
+            torch.distributed.barrier()
+            if local_rank != 0:
+                prepared = _prepare(settings, False)
+        else:
+            prepared = _prepare(settings, settings.progress)
+        return _fit(settings, run_dir, prepared, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distributed.Context) -> TrainResult | None:
     splits = prepared.split(settings.split, settings.val_fraction, settings.test_fraction, settings.seed)
     train_idx, val_idx, test_idx = splits["train"], splits["val"], splits["test"]
     if train_idx.size == 0 or val_idx.size == 0:
         raise ValueError(f"{settings.data}: too few rows ({prepared.rows}) for a train and a validation split")
+    if not settings.batch_size:  # resolved from the data, the same on every rank; config.json records it
+        settings = replace(settings, batch_size=auto_batch_size(int(train_idx.size)))
 
-    cfg, extra = build_run_config(settings, prepared, train_idx)
-    model = build_model(cfg)
-    table_report = fill_tables(model, cfg, settings, prepared, train_idx, extra)
+    # Rank 0 computes the token statistics, vocabulary or signatures once; every rank gets its model.
+    table_report: dict[str, Any] = {}
+    if ctx.main:
+        cfg, extra = build_run_config(settings, prepared, train_idx)
+        model = build_model(cfg)
+        table_report = fill_tables(model, cfg, settings, prepared, train_idx, extra)
+        cfg.extra = {
+            "training": settings.to_dict(),
+            "data": {
+                "path": str(settings.data),
+                "cache": str(prepared.path),
+                "rows": prepared.rows,
+                **prepared.stats.to_dict(),
+                "train_rows": int(train_idx.size),
+                "val_rows": int(val_idx.size),
+                "test_rows": int(test_idx.size),
+            },
+            **table_report,
+        }
+    cfg = RunConfig.from_dict(distributed.broadcast_json(ctx, cfg.to_dict() if ctx.main else None))
+    if not ctx.main:
+        model = build_model(cfg)
+    model.to(ctx.device)
+    distributed.broadcast_module(ctx, model)
     memory = memory_accounting(model, cfg.full_embedding_bytes)
-    cfg.extra = {
-        "training": settings.to_dict(),
-        "data": {
-            "path": str(settings.data),
-            "cache": str(prepared.path),
-            "rows": prepared.rows,
-            **prepared.stats.to_dict(),
-            "train_rows": int(train_idx.size),
-            "val_rows": int(val_idx.size),
-            "test_rows": int(test_idx.size),
-        },
-        **table_report,
-    }
-    log.info("memory: %s", json.dumps(memory))
+    if ctx.main:
+        log.info("memory: %s", json.dumps(memory))
+
+    net: nn.Module = model.dlrm
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model.dlrm, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, forward_sync_buffers=False
+        )  # the tables are buffers, identical on every rank after the broadcast: not re-sent every step
+    looked_up: list[torch.Tensor] = []
+    if settings.embedding_l2:
+        model.dlrm.embedding.register_forward_hook(lambda m, _i, out: looked_up.append(out[0]) if m.training else None)
 
     optimizer = make_optimizer(model, settings)
-    loss_fn = nn.BCEWithLogitsLoss()
+    batch = settings.batch_size
+    steps_per_epoch = math.ceil(train_idx.size / batch)
+    eval_every = max(1, math.ceil(steps_per_epoch / settings.evals_per_epoch))
+    schedule = make_schedule(optimizer, settings.lr_schedule, steps_per_epoch * settings.epochs)
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     epochs: list[dict[str, Any]] = []
+    evaluations: list[dict[str, Any]] = []
     step_loss: list[tuple[int, float]] = []
-    best_auc, best_epoch, seen = -1.0, 0, 0
+    best: dict[str, Any] = {"epoch": 0, "step": 0, "samples": 0, "val_auc": -1.0}
+    seen, step, since_best, stop = 0, 0, 0, False
+
+    def validate(epoch: int) -> None:
+        nonlocal since_best, stop
+        val = evaluate(model, prepared, val_idx, ctx)
+        record = {"epoch": epoch, "step": step, "samples": seen, "val_auc": val["auc"],
+                  "val_logloss": val["logloss"], "lr": schedule.get_last_lr()[0]}  # fmt: skip
+        evaluations.append(record)
+        if val["auc"] > best["val_auc"]:
+            best.update(epoch=epoch, step=step, samples=seen, val_auc=val["auc"])
+            since_best = 0
+            if ctx.main:
+                save_run(run_dir, model, cfg)  # keep the best so far on disk
+        else:
+            since_best += 1
+            stop = since_best >= settings.patience
+
     model.train()
     for epoch in range(1, settings.epochs + 1):
-        t0, n, running = time.perf_counter(), 0, 0.0
-        batches = data_mod.iter_batches(
-            prepared, train_idx, settings.batch_size, shuffle=True, seed=settings.seed + epoch
-        )
-        total = math.ceil(train_idx.size / settings.batch_size)
-        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not settings.progress, unit="batch")
+        t0, n, train_seconds, running = time.perf_counter(), 0, 0.0, 0.0
+        batches = iter_batches(prepared, train_idx, batch, shuffle=True, seed=settings.seed + epoch,
+                               shard=(ctx.rank, ctx.world))  # fmt: skip
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not (settings.progress and ctx.main),
+                   unit="batch")  # fmt: skip
+        tick = time.perf_counter()
         for i, (dense, keys, labels) in enumerate(bar):
-            logit, _ = model.dlrm(dense, keys)
+            rows = min(batch, train_idx.size - i * batch)  # of the global batch, all ranks together
+            labels = labels.to(ctx.device)
+            logit, _ = net(dense.to(ctx.device), keys.to(ctx.device))
+            # Sum over this rank's rows / global rows * world: DDP averages over ranks, so the gradient
+            # is the mean over the global batch, as in one process.
             loss = loss_fn(logit.squeeze(1), labels)
+            if looked_up:
+                loss = loss + settings.embedding_l2 * looked_up.pop().pow(2).sum()
+            looked_up.clear()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (ctx.world / rows)).backward()
             optimizer.step()
-            n += labels.shape[0]
-            running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
+            schedule.step()
+            step += 1
+            n += rows
+            seen += rows
+            local_loss = loss.item() / max(len(labels), 1)
+            running = 0.98 * running + 0.02 * local_loss if i else local_loss
             if i % 20 == 0:
-                step_loss.append((seen + n, running))
-                bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{n / (time.perf_counter() - t0):,.0f}")
-        seen += n
-        train_sps = n / (time.perf_counter() - t0)
-        val = evaluate(model, prepared, val_idx)
+                step_loss.append((seen, running))
+                bar.set_postfix(
+                    loss=f"{running:.4f}", samples_s=f"{n / (train_seconds + time.perf_counter() - tick):,.0f}"
+                )
+            if (i + 1) % eval_every == 0 or i == steps_per_epoch - 1:  # evenly within each epoch, and at its end
+                train_seconds += time.perf_counter() - tick
+                validate(epoch)
+                tick = time.perf_counter()
+                if stop:
+                    break
+        bar.close()
+        train_seconds += time.perf_counter() - tick
+        last = evaluations[-1]
         record = {
             "epoch": epoch,
-            "val_auc": val["auc"],
-            "val_logloss": val["logloss"],
+            "val_auc": last["val_auc"],
+            "val_logloss": last["val_logloss"],
             "train_loss": running,
-            "train_samples_per_s": train_sps,
+            "train_samples_per_s": n / train_seconds if train_seconds else None,
             "seconds": time.perf_counter() - t0,
         }
         epochs.append(record)
-        log.info("epoch %d: val_auc=%.5f val_logloss=%.5f %.0f samples/s", epoch, val["auc"], val["logloss"], train_sps)
-        if val["auc"] > best_auc:
-            best_auc, best_epoch = val["auc"], epoch
-            save_run(run_dir, model, cfg)  # keep the best so far on disk
-        elif epoch - best_epoch >= settings.patience:
-            log.info("early stop: no val AUC gain for %d epoch(s)", settings.patience)
+        if ctx.main:
+            log.info("epoch %d: val_auc=%.5f val_logloss=%.5f %.0f samples/s (%d rank(s))", epoch,
+                     last["val_auc"], last["val_logloss"], record["train_samples_per_s"] or 0, ctx.world)  # fmt: skip
+        if stop:
+            log.info("early stop: no val AUC gain in %d validation(s)", settings.patience)
             break
 
-    from models.checkpoint import load_run
-
+    if not ctx.main:
+        return None
     best_model, _ = load_run(run_dir)
     test = evaluate(best_model, prepared, test_idx) if test_idx.size else {"auc": None, "logloss": None, "rows": 0}
     metrics = {
+        "model": settings.model,
+        "batch_size": settings.batch_size,
         "epochs": epochs,
-        "best": {"epoch": best_epoch, "val_auc": best_auc},
+        "evaluations": evaluations,
+        "best": best,
         "test": test,
         "memory": memory,
         "data": cfg.extra["data"],
+        "distributed": {"world": ctx.world, "backend": "nccl" if ctx.device.type == "cuda" else "gloo",
+                        "device": str(ctx.device)} if ctx.distributed else {"world": 1, "device": str(ctx.device)},
         **table_report,
-    }
+    }  # fmt: skip
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_curve(run_dir / "curve.png", step_loss, epochs)
+    plot_curve(run_dir / "curve.png", step_loss, evaluations)
     return TrainResult(run_dir, metrics)

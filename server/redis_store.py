@@ -217,7 +217,7 @@ def format_dense(x: float) -> str:
 
 def _entity_index(fmt: str, entity_column: str) -> int:
     """Where a Criteo/Avazu row's entity key comes from: -1 row number, -2 row id, else a value's index."""
-    from models.data import schema_for_format
+    from models.data.reader import schema_for_format
 
     schema = schema_for_format(fmt)
     if entity_column == ROW_ENTITY:
@@ -234,7 +234,7 @@ def _entity_index(fmt: str, entity_column: str) -> int:
 
 
 def _raw_rows(path: Path, fmt: str, entity_index: int, report: LoadReport) -> Iterator[FeatureRow]:
-    from models.data import ReadStats, iter_raw, schema_for_format
+    from models.data.reader import ReadStats, iter_raw, schema_for_format
 
     schema = schema_for_format(fmt)
     names = (*schema.dense_names, *schema.categorical_names)
@@ -286,7 +286,7 @@ def feature_rows(
 ) -> Iterator[FeatureRow]:
     """(entity, {field: raw text}) of each row of a data file; missing values are left out.
 
-    Criteo/Avazu (read by :func:`models.data.iter_raw`): every schema field, the key field included;
+    Criteo/Avazu (read by :func:`models.data.reader.iter_raw`): every schema field, the key field included;
     ``entity_column`` is ``row`` (the row's number among the rows read, from 0), ``id`` (the row id
     of criteo-csv and avazu) or a categorical field. CSV (UTF-8, a header row naming the columns):
     every column but ``entity_column``. Rows without a key, and CSV rows with the wrong number of

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from export.exporter import export_run
+from loadtest.bench.process import ServerProcess
 from tests.helpers.serving import ADMIN_TOKEN, TOKENS, Bundles, export_bundles, instance, make_repo, serve
 from tests.helpers.traffic import PREDICT, Traffic
 
@@ -70,9 +71,13 @@ def test_sigterm_answers_every_accepted_request(bundles: Bundles, tmp_path: Path
     repo = make_repo(tmp_path / "repo", bundles.criteo_v1, bundles.avazu)
     # criteo's requests wait up to 3 s in the queue for company (their deadline is 30 s): all 6 are surely
     # accepted and waiting when SIGTERM comes; the background load goes to avazu, whose queue is its own
-    server = serve(
-        repo, tmp_path / "server.log", LMA_MAX_WAIT_MS="3000", LMA_MAX_BATCH_SIZE="1000", LMA_REQUEST_TIMEOUT_MS="30000"
-    )
+    waits = {"LMA_MAX_WAIT_MS": "3000", "LMA_REQUEST_TIMEOUT_MS": "30000", "LMA_MAX_QUEUE_DELAY_MS": "0"}
+    server = serve(repo, tmp_path / "server.log", LMA_MAX_BATCH_SIZE="1000", **waits)
+    with server:  # stopped whatever happens
+        _sigterm_with_requests_queued(server, bundles)
+
+
+def _sigterm_with_requests_queued(server: ServerProcess, bundles: Bundles) -> None:
     server.wait_ready()
     queued: list[httpx.Response | Exception] = []
 

@@ -321,26 +321,33 @@ def test_loaded_bundle_equals_returned(bundles: dict[str, Bundle]) -> None:
         assert again == bundle
 
 
-@pytest.mark.parametrize("kind", ["full", "lma"])
+@pytest.mark.parametrize("kind", ["full", "lma", "lr"])
 def test_a_trained_run_exports_with_data_rows(kind: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """`lma train`'s own run folder (real signatures, real vocabulary, data cache) exports and verifies."""
+    """`lma train`'s own run folder (real signatures, real vocabulary, data cache) exports and verifies;
+    ``lr`` is the linear reference (hashed weights, one per token), exported by the same code."""
     from models.embeddings import EmbeddingConfig
     from models.synth import synthesize
     from models.train import TrainSettings, train
 
     root = tmp_path_factory.mktemp(f"trained-{kind}")
     synthesize(root / "synth.tsv", rows=4000, seed=1, scale=0.0002)
+    if kind == "lr":
+        model, embedding = "lr", EmbeddingConfig(kind="hash", embedding_dim=1, compression=1.0)
+    else:
+        model, embedding = "dlrm", EmbeddingConfig(kind=kind, embedding_dim=8, compression=4.0, sample_rows=2000)
     settings = TrainSettings(
-        data=root / "synth.tsv", cache_dir=root / "cache", preset="tiny", epochs=1, batch_size=256, threads=1,
-        progress=False, embedding=EmbeddingConfig(kind=kind, embedding_dim=8, compression=4.0, sample_rows=2000),
+        data=root / "synth.tsv", cache_dir=root / "cache", model=model, preset="tiny", epochs=1, batch_size=256,
+        threads=1, progress=False, embedding=embedding,
     )  # fmt: skip
     train(settings, root / "run")
     bundle = export_run(root / "run", root / "artifacts" / "synth")
     cases = bundle.manifest["parity"]["cases"]
     assert sorted(cases) == ["data/b1", "data/b1024", "data/b7", "random/b1", "random/b1024", "random/b7"]
     assert bundle.manifest["run"]["data"]["rows"] == 4000
-    assert ("signatures" if kind == "lma" else "vocabulary") in bundle.manifest["run"]
-    assert bundle.memory["kind"] == kind
+    tables = {"lma": "signatures", "full": "vocabulary", "lr": None}[kind]
+    assert tables is None or tables in bundle.manifest["run"]
+    assert bundle.memory["kind"] == embedding.kind
+    assert bundle.manifest["model"]["architecture"] == model
 
 
 def test_large_graphs_keep_weights_in_one_external_file(

@@ -24,8 +24,9 @@ from models.schema import FeatureSchema, criteo_schema
 
 SCHEMA = FeatureSchema(("I1", "I2"), ("C1", "C2", "C3"), hash_seed=7)
 FULL_BYTES = 1000 * 4 * 4  # 1000 distinct tokens x D=4 x 4 bytes
-# The tiny preset with 2 dense and 3 fields: bottom 2-8-4, top (6 pairs + 4)-8-1.
-DENSE_PARAMS = (2 * 8 + 8) + (8 * 4 + 4) + (10 * 8 + 8) + (8 * 1 + 1)
+# The tiny preset with 2 dense and 3 fields: bottom 2-8-4, top (6 pairs + 4)-8-1, first-order weights
+# (3 fields x D=4) and the dense linear term (2).
+DENSE_PARAMS = (2 * 8 + 8) + (8 * 4 + 4) + (10 * 8 + 8) + (8 * 1 + 1) + 3 * 4 + 2
 
 
 def run_config(kind: str = "lma", **sizes: int) -> RunConfig:
@@ -172,17 +173,17 @@ class TestMemoryAccounting:
             "embedding_bytes": 4000,
             "embedding_parts": {"shared_memory": 3312, "signature_table": 560, "seeds": 128},
             "dense_bytes": DENSE_PARAMS * 4,
-            "total_bytes": 4000 + 628,
+            "total_bytes": 4000 + 684,
             "embedding_compression": 4.0,
-            "model_compression": (16000 + 628) / (4000 + 628),
+            "model_compression": (16000 + 684) / (4000 + 684),
         }
-        assert DENSE_PARAMS == 157
+        assert DENSE_PARAMS == 171
 
     def test_hash(self) -> None:
         acc = memory_accounting(build_model(run_config("hash")), FULL_BYTES)
         assert acc["embedding_parts"] == {"shared_memory": 968 * 4, "signature_table": 0, "seeds": 128}
         assert acc["embedding_bytes"] == 4000
-        assert acc["dense_bytes"] == 628
+        assert acc["dense_bytes"] == 684
 
     def test_full(self) -> None:
         acc = memory_accounting(build_model(run_config("full", vocab_size=10, table_buckets=8)), FULL_BYTES)
@@ -191,10 +192,10 @@ class TestMemoryAccounting:
             "full_embedding_bytes": 16000,
             "embedding_bytes": 208 + 560,
             "embedding_parts": {"table": (10 + 3) * 4 * 4, "vocabulary_index": 8 * 4 * 16 + 48},
-            "dense_bytes": 628,
-            "total_bytes": 768 + 628,
+            "dense_bytes": 684,
+            "total_bytes": 768 + 684,
             "embedding_compression": 16000 / 768,
-            "model_compression": (16000 + 628) / (768 + 628),
+            "model_compression": (16000 + 684) / (768 + 684),
         }
 
     def test_sixteen_x_is_sixteen_x(self) -> None:
@@ -213,7 +214,7 @@ class TestMemoryAccounting:
         assert parts["signature_table"] <= full / 16 / 4
         assert 0 <= full / 16 - acc["embedding_bytes"] < 4
         assert 16.0 <= acc["embedding_compression"] < 16.0001
-        assert acc["dense_bytes"] == 475_985 * 4
+        assert acc["dense_bytes"] == (475_985 + 26 * 16 + 13) * 4  # MLPs + first-order weights + dense linear
 
 
 def test_criteo_kaggle_on_paper() -> None:
@@ -239,3 +240,48 @@ def test_criteo_kaggle_on_paper() -> None:
     layout = SharedMemoryLayout.plan(cfg.embedding, cfg.full_embedding_bytes)
     assert (layout.memory_size, layout.table_buckets) == (paper["memory_floats"], paper["table_buckets"])
     assert 25_373_925 * 4 + 33_554_480 + 128 == 135_050_308  # exactly 16x, signature table included
+
+
+def test_run_folders_from_before_the_first_order_terms_still_load(tmp_path: Path) -> None:
+    """A config.json without ``architecture``, ``first_order`` or ``embedding_init`` is the plain DLRM it was."""
+    cfg = run_config()
+    cfg.model = DLRMConfig(num_dense=2, num_fields=3, embedding_dim=4, bottom=[8], top=[8])  # the old defaults
+    save_run(tmp_path, build_model(cfg), cfg)
+    raw = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key in ("architecture", "first_order", "embedding_init"):
+        raw["model"].pop(key)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(raw))
+    model, loaded = load_run(tmp_path)
+    assert loaded.model == cfg.model and not loaded.model.first_order
+    assert not any("first_order" in k or "dense_linear" in k for k in model.state_dict())
+
+
+def test_linear_reference_round_trips(tmp_path: Path) -> None:
+    from models.linear import LinearConfig
+
+    cfg = RunConfig(
+        schema=SCHEMA,
+        model=LinearConfig(2, 3),
+        embedding=EmbeddingConfig(kind="hash", embedding_dim=1, compression=1.0, seed=5),
+        full_embedding_bytes=1000 * 4,
+        distinct_tokens=1000,
+    )
+    model = build_model(cfg)
+    assert all(not p.detach().any() for p in model.parameters())  # a logistic regression starts at zero
+    with torch.no_grad():
+        model.dlrm.embedding.memory.add_(torch.linspace(-1, 1, model.dlrm.embedding.memory.numel()))
+    save_run(tmp_path, model, cfg)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["model"] == {
+        "architecture": "lr", "num_dense": 2, "num_fields": 3,
+    }  # fmt: skip
+    loaded, lcfg = load_run(tmp_path)
+    assert lcfg.model == cfg.model
+    dense, keys = torch.rand(4, 2), torch.arange(12).reshape(4, 3)
+    assert torch.equal(loaded(dense, keys)[0], model.eval()(dense, keys)[0])
+    acc = memory_accounting(loaded, 4000)
+    assert acc["dense_bytes"] == (2 + 1) * 4  # the dense weights and the bias
+    raw = json.loads((tmp_path / CONFIG_FILE).read_text())
+    raw["model"]["architecture"] = "fm"
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="unknown model architecture 'fm'"):
+        load_run(tmp_path)

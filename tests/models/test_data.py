@@ -1,4 +1,4 @@
-"""Readers, parsed-array cache, splits and batches (models/data.py), on hand-written rows in the real formats."""
+"""Readers, parsed-array cache, splits and batches (models/data/), on hand-written rows in the real formats."""
 
 import gzip
 import json
@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import models.data as data
-from models.data import (
-    FORMATS,
-    Prepared,
-    RawRow,
-    ReadStats,
-    distinct_tokens,
-    iter_batches,
-    iter_chunks,
-    iter_raw,
-    prepare,
-    schema_for_format,
-)
+from models.data import batches as data_batches
+from models.data import lines, reader
+from models.data.batches import distinct_tokens, iter_batches
+from models.data.cache import Prepared, prepare
+from models.data.reader import FORMATS, Chunk, RawRow, ReadStats, iter_chunks, iter_raw, schema_for_format
 from models.schema import AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_DENSE, FeatureSchema, criteo_schema
 
 # Criteo Kaggle train.txt lines: label, I1..I13, C1..C26, tab-separated, empty = missing.
@@ -58,7 +50,7 @@ def _write(path: Path, text: str | bytes, compress: bool = False) -> Path:
     return path
 
 
-def _one_chunk(path: Path, fmt: str, schema: FeatureSchema, stats: ReadStats | None = None) -> data.Chunk:
+def _one_chunk(path: Path, fmt: str, schema: FeatureSchema, stats: ReadStats | None = None) -> Chunk:
     chunks = list(iter_chunks(path, fmt, schema, stats=stats))
     assert len(chunks) == 1
     return chunks[0]
@@ -162,15 +154,15 @@ def test_small_read_blocks_give_the_same_rows(tmp_path: Path, monkeypatch: pytes
     expected = list(iter_raw(path, "criteo"))
     assert len(expected) == 22
     for block in (1, 7, 100, 333):  # lines and CRLF pairs split across reads
-        monkeypatch.setattr(data, "_READ_BYTES", block)
+        monkeypatch.setattr(lines, "READ_BYTES", block)
         stats = ReadStats()
         assert list(iter_raw(path, "criteo", stats)) == expected
         assert stats.to_dict() == {"rows": 22, "skipped": 1, "reasons": {"blank_line": 1}}
 
 
 def test_overlong_line_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
-    monkeypatch.setattr(data, "_READ_BYTES", 64)
+    monkeypatch.setattr(lines, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(lines, "READ_BYTES", 64)
     long_line = CRITEO_LINES[0].replace("68fd1e64", "x" * 5000)
     mid_line = CRITEO_LINES[0].replace("68fd1e64", "y" * 700)  # longer than most, within the limit
     path = _write(tmp_path / "t.txt", "\n".join([CRITEO_LINES[0], long_line, CRITEO_LINES[2], mid_line]) + "\n")
@@ -178,7 +170,7 @@ def test_overlong_line_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rows = list(iter_raw(path, "criteo", stats))
     assert [r.categorical[0] for r in rows] == ["68fd1e64", "68fd1e64", "y" * 700]
     assert stats.to_dict() == {"rows": 3, "skipped": 1, "reasons": {"line_too_long": 1}}
-    monkeypatch.setattr(data, "_READ_BYTES", 1 << 20)  # the whole long line inside one block
+    monkeypatch.setattr(lines, "READ_BYTES", 1 << 20)  # the whole long line inside one block
     stats = ReadStats()
     assert list(iter_raw(path, "criteo", stats)) == rows
     assert stats.reasons == {"line_too_long": 1}
@@ -336,7 +328,7 @@ def test_prepare_reuses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def no_parsing(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data, "iter_chunks", no_parsing)
+    monkeypatch.setattr(reader, "iter_chunks", no_parsing)
     again = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
     assert again.path == first.path and again.rows == first.rows
     assert again.stats == first.stats
@@ -374,6 +366,36 @@ def test_prepare_rebuilds_damaged_cache(tmp_path: Path, damage: str) -> None:
     again = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
     assert again.path == folder and again.rows == 6
     np.testing.assert_array_equal(again.keys, keys)
+
+
+@pytest.mark.parametrize("version", [1, 3, None])
+def test_a_cache_of_another_format_version_is_rebuilt_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int | None
+) -> None:
+    from models.data.cache import CACHE_VERSION, lookup
+
+    src = _criteo_file(tmp_path / "train.txt", 2)
+    first = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
+    meta_path = first.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert CACHE_VERSION == 2 and meta["cache_version"] == 2
+    keys = np.array(first.keys)
+    del first
+    # What another build left: same folder, same identity, other version, arrays that must not be read.
+    if version is None:
+        del meta["cache_version"]
+    else:
+        meta["cache_version"] = version
+    meta_path.write_text(json.dumps(meta))
+    np.save(meta_path.parent / "keys.npy", np.zeros_like(keys))
+    assert lookup(src, "criteo", tmp_path / "cache", criteo_schema()) is None
+    calls = []
+    real = reader.iter_chunks
+    monkeypatch.setattr(reader, "iter_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = prepare(src, "criteo", tmp_path / "cache", criteo_schema(), progress=False)
+    assert calls == [1]  # parsed again
+    np.testing.assert_array_equal(again.keys, keys)
+    assert json.loads(meta_path.read_text())["cache_version"] == 2
 
 
 def test_prepare_errors(tmp_path: Path) -> None:
@@ -442,7 +464,7 @@ def test_split_validation(kwargs: dict[str, object], message: str) -> None:
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_iter_batches_cover_each_index_once(monkeypatch: pytest.MonkeyPatch, shuffle: bool) -> None:
-    monkeypatch.setattr(data, "_window_rows", lambda batch_size: 3 * batch_size)  # several windows
+    monkeypatch.setattr(data_batches, "_window_rows", lambda batch_size: 3 * batch_size)  # several windows
     p = _prepared(100)
     indices = np.arange(3, 95, dtype=np.int64)
     batches = list(iter_batches(p, indices, batch_size=8, shuffle=shuffle, seed=1))
@@ -493,3 +515,58 @@ def test_distinct_tokens_on_prepared_file(tmp_path: Path) -> None:
     tokens, counts = distinct_tokens(p, rows, chunk_rows=3)
     assert dict(zip(tokens.tolist(), counts.tolist(), strict=True)) == expected
     assert tokens.tolist() == sorted(expected)
+
+
+def test_a_column_that_turns_wide_later_is_read_as_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Criteo's ids are 8 hex digits, read as fixed-size values; a later block with another length widens
+    that column (and only it) to strings, with the same keys either way."""
+    fields = CRITEO_LINES[0].split("\t")
+    values = [f"{i:08x}" for i in range(40)] + ["abc", "0123456789", "", "ff"]
+    rows = ["\t".join([*fields[:20], v, *fields[21:]]) for v in values]
+    path = _write(tmp_path / "t.txt", "\n".join(rows) + "\n")
+    monkeypatch.setattr(lines, "READ_BYTES", 3000)  # several blocks: the first all 8-byte
+    schema = criteo_schema()
+    chunk = _one_chunk(path, "criteo", schema)
+    assert chunk.keys[:, 6].tolist() == [schema.key(6, v) for v in values]
+    assert chunk.keys[:, 0].tolist() == [schema.key(0, "68fd1e64")] * len(values)
+    assert [r.categorical[6] for r in iter_raw(path, "criteo")] == [v or None for v in values]
+
+
+def test_dense_values_are_read_as_python_float_reads_them(tmp_path: Path) -> None:
+    """Arrow parses a block's numbers itself; a block with text only float() accepts is read again value by
+    value, so values and skip reasons are float()'s whatever the parser (docs/DATA.md)."""
+    fields = CRITEO_LINES[0].split("\t")
+    texts = [
+        " 12",
+        "1_000",
+        "+5",
+        ".5",
+        "5.",
+        "1e3",
+        "007",
+        "-0",
+        "inf",
+        "-nan",
+        "1e400",
+        "0x10",
+        "1,5",
+        "\u0661\u0662",
+    ]
+    lines = ["\t".join([*fields[:3], t, *fields[4:]]) for t in texts]
+    path = _write(tmp_path / "t.txt", "\n".join(lines) + "\n")
+    stats = ReadStats()
+    rows = list(iter_raw(path, "criteo", stats))
+
+    def python_float(t: str) -> float | None:  # of the bytes, as the old reader did: no non-ASCII digits
+        try:
+            v = float(t.encode())
+        except ValueError:
+            return None
+        return v if math.isfinite(v) else None
+
+    kept = [python_float(t) for t in texts if python_float(t) is not None]
+    assert [r.dense[2] for r in rows] == kept == [12.0, 1000.0, 5.0, 0.5, 5.0, 1000.0, 7.0, -0.0]
+    assert stats.to_dict() == {"rows": 8, "skipped": 6, "reasons": {"dense_value": 6}}
+    # A block of plain numbers takes Arrow's fast path and gives the same values.
+    plain = list(iter_raw(_write(tmp_path / "p.txt", "\n".join(lines[:1] + lines[2:8]) + "\n"), "criteo"))
+    assert [r.dense[2] for r in plain] == [12.0, 5.0, 0.5, 5.0, 1000.0, 7.0, -0.0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import ReadStats, iter_raw
+from models.data.reader import ReadStats, iter_raw
 from models.synth import BLOCK_ROWS, CRITEO_CARDINALITIES, SynthParams, scaled_cardinalities, synthesize
 
 ROWS = 20_000

@@ -76,3 +76,43 @@ def test_cli_train_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.C
     code = main(["train", "--data", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "r"), "--compression", "0.5"])
     assert code == 2
     assert "compression" in capsys.readouterr().err
+
+
+def test_auto_batch_size() -> None:
+    from models.train import auto_batch_size
+
+    # The largest of 1024 ... 64 with at least 150 steps an epoch.
+    assert [auto_batch_size(n) for n in (4_000, 40_000, 80_000, 800_000, 10)] == [64, 256, 512, 1024, 64]
+
+
+def test_validations_within_epochs_keep_the_best(synth_file: Path, tmp_path: Path) -> None:
+    settings = _settings(synth_file, tmp_path / "cache", "hash", epochs=3, batch_size=0, evals_per_epoch=3,
+                         patience=100, lr_schedule="cosine", embedding_l2=1e-4)  # fmt: skip
+    m = train(settings, tmp_path / "run").metrics
+    assert m["batch_size"] == 128  # 24,000 training rows: 188 steps an epoch
+    evals = m["evaluations"]
+    assert [(e["epoch"], e["step"]) for e in evals] == [(1, 63), (1, 126), (1, 188), (2, 251), (2, 314), (2, 376),
+                                                        (3, 439), (3, 502), (3, 564)]  # fmt: skip
+    assert [e["val_auc"] for e in m["epochs"]] == [evals[2]["val_auc"], evals[5]["val_auc"], evals[8]["val_auc"]]
+    best = max(evals, key=lambda e: e["val_auc"])
+    assert m["best"] == {"epoch": best["epoch"], "step": best["step"], "samples": best["samples"],
+                         "val_auc": best["val_auc"]}  # fmt: skip
+    assert evals[0]["lr"] < 0.02 and evals[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine down to 0
+    # The saved weights are those of the best validation: scoring again gives its AUC.
+    from models.data.cache import lookup
+    from models.data.formats import schema_for_format
+    from models.train import evaluate
+
+    prepared = lookup(synth_file, "criteo", tmp_path / "cache", schema_for_format("criteo"))
+    assert prepared is not None
+    val = prepared.split("order", 0.1, 0.1)["val"]
+    assert evaluate(load_run(tmp_path / "run")[0], prepared, val)["auc"] == pytest.approx(best["val_auc"], abs=1e-12)
+
+
+def test_early_stop_counts_validations(synth_file: Path, tmp_path: Path) -> None:
+    settings = _settings(synth_file, tmp_path / "cache", "hash", epochs=50, evals_per_epoch=4, patience=2, lr=0.5)
+    m = train(settings, tmp_path / "run").metrics
+    evals = m["evaluations"]
+    best_index = max(range(len(evals)), key=lambda i: evals[i]["val_auc"])
+    assert len(evals) == best_index + 1 + 2  # stopped after 2 validations without a gain
+    assert len(m["epochs"]) < 50

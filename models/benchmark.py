@@ -1,0 +1,298 @@
+"""Benchmarks of the data and training paths, old against new side by side in one run.
+
+    flock /tmp/lma-timing.lock python -m models.benchmark ingest --data data/synth_1m.tsv --old-rev b41178c
+    flock /tmp/lma-timing.lock python -m models.benchmark train --data data/synth_1m.tsv --kinds full,hash,lma
+    flock /tmp/lma-timing.lock python -m models.benchmark dp --data data/synth_1m.tsv --nproc 1,2
+
+``ingest``: the reader of a git revision (``models/data.py`` at ``--old-rev``, loaded from git into a
+temporary module, so the product keeps one reader) against the reader of this tree, in alternating
+rounds (old, new, old, new, ...) over the same file: :func:`iter_chunks` (bytes -> model-ready
+arrays) and :func:`prepare` (the same plus writing the cache). Every round checks that both produce
+identical arrays (SHA-256 of dense, keys and labels) and identical skip counts.
+
+``train``: training samples/s (forward, backward, optimizer step; no evaluation) of each embedding
+kind at one batch size on the same prepared rows, kinds alternating over rounds.
+
+``dp``: ``lma train`` with 1 process and with N data-parallel processes (same global batch, one epoch,
+one validation), alternating; samples/s is the run's own ``train_samples_per_s`` (training steps only).
+
+Both print a Markdown table with the load average before and after (the machine is shared: compare
+the ratios, which alternating rounds keep fair, more than the absolute numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+
+def _progress(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def old_reader(rev: str) -> ModuleType:
+    """``models/data.py`` as it was at git revision ``rev``, imported as a module of its own."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:models/data.py"], check=True, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ValueError(f"cannot read models/data.py at git revision {rev!r}: {e}") from e
+    folder = Path(tempfile.mkdtemp(prefix="lma-old-reader-"))
+    path = folder / "lma_old_data.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("lma_old_data", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lma_old_data"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _digest(chunks: Any) -> tuple[int, str]:
+    h = hashlib.sha256()
+    rows = 0
+    for c in chunks:
+        for a in (c.dense, c.keys, c.labels):
+            h.update(memoryview(a.tobytes()))
+        rows += len(c)
+    return rows, h.hexdigest()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_ingest(args: argparse.Namespace) -> str:
+    from models.data import cache, reader
+    from models.data.formats import schema_for_format
+
+    old = old_reader(args.old_rev)
+    schema = schema_for_format(args.format)
+    path = Path(args.data)
+    impls: dict[str, dict[str, Callable[[], Any]]] = {}
+
+    # The timed part returns the arrays; their digest is taken after the clock stops.
+    def chunks(module: Any, **kw: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            stats = module.ReadStats()
+            return list(module.iter_chunks(path, args.format, schema, stats=stats, **kw)), stats
+
+        return run
+
+    def prepared(module: Any, **kw: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            folder = tempfile.mkdtemp(prefix="lma-bench-cache-", dir=args.tmp)
+            p = module.prepare(path, args.format, folder, schema, progress=False, **kw)
+            return [p], p.stats, folder
+
+        return run
+
+    impls["iter_chunks"] = {"old": chunks(old), "new": chunks(reader, workers=args.workers)}
+    impls["prepare"] = {"old": prepared(old), "new": prepared(cache, workers=args.workers)}
+    load_before = _loadavg()
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {op: {"old": [], "new": []} for op in impls}
+    rows = 0
+    for r in range(args.rounds):
+        for op, pair in impls.items():
+            outputs = {}
+            for name in ("old", "new"):  # alternating: old, new in every round
+                out, wall, cpu = _timed(pair[name])
+                rows, digest = _digest(out[0])
+                outputs[name] = (rows, digest, out[1].to_dict())
+                if len(out) > 2:
+                    shutil.rmtree(out[2], ignore_errors=True)
+                del out
+                results[op][name].append((wall, cpu))
+                _progress(
+                    f"round {r + 1} {op:11s} {name}: {rows / wall:,.0f} rows/s ({wall:.2f} s wall, {cpu:.2f} s CPU)"
+                )
+            if outputs["old"] != outputs["new"]:
+                raise AssertionError(f"{op}: old and new readers differ: {outputs['old']} vs {outputs['new']}")
+    load_after = _loadavg()
+    lines = [
+        f"{rows:,} rows of {path.name} ({path.stat().st_size:,} bytes, format {args.format}); "
+        f"old = models/data.py at {args.old_rev}, new = this tree with {args.workers or 'all'} worker(s); "
+        f"{args.rounds} alternating rounds; outputs identical in every round "
+        "(SHA-256 of dense, keys, labels; skip counts)",
+        f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
+        "",
+        "| step | old rows/s (median) | new rows/s (median) | new / old (median of rounds) | old CPU s | new CPU s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for op, res in results.items():
+        old_rate = [rows / w for w, _ in res["old"]]
+        new_rate = [rows / w for w, _ in res["new"]]
+        ratios = [n / o for n, o in zip(new_rate, old_rate, strict=True)]
+        lines.append(
+            f"| `{op}` | {statistics.median(old_rate):,.0f} | {statistics.median(new_rate):,.0f} |"
+            f" {statistics.median(ratios):.2f}x | {statistics.median(c for _, c in res['old']):.2f} |"
+            f" {statistics.median(c for _, c in res['new']):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_train(args: argparse.Namespace) -> str:
+    import torch
+
+    from models.checkpoint import build_model
+    from models.data.batches import iter_batches
+    from models.data.cache import prepare
+    from models.data.formats import schema_for_format
+    from models.embeddings import EmbeddingConfig
+    from models.train import TrainSettings, build_run_config, fill_tables, make_optimizer
+
+    torch.set_num_threads(args.threads)
+    schema = schema_for_format(args.format)
+    data = prepare(args.data, args.format, args.cache_dir, schema, max_rows=args.max_rows, progress=False)
+    parts = data.split("order", 0.1, 0.1)
+    train_idx = parts["train"]
+    kinds = [k for k in args.kinds.split(",") if k]
+    models = {}
+    for kind in kinds:
+        emb = EmbeddingConfig(kind=kind, embedding_dim=16, compression=1.0 if kind == "full" else args.compression)
+        settings = TrainSettings(data=Path(args.data), cache_dir=Path(args.cache_dir), preset=args.preset,
+                                 embedding=emb, batch_size=args.batch_size, progress=False)  # fmt: skip
+        cfg, extra = build_run_config(settings, data, train_idx)
+        model = build_model(cfg)
+        fill_tables(model, cfg, settings, data, train_idx, extra)
+        models[kind] = (model, make_optimizer(model, settings))
+    batches = list(iter_batches(data, train_idx[: args.batch_size * args.steps], args.batch_size, shuffle=True, seed=0))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    load_before = _loadavg()
+    for r in range(args.rounds):
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            model, opt = models[kind]
+            t0 = time.perf_counter()
+            n = 0
+            for dense, keys, labels in batches:
+                logit, _ = model.dlrm(dense, keys)
+                loss = loss_fn(logit.squeeze(1), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n += len(labels)
+            rates[kind].append(n / (time.perf_counter() - t0))
+            _progress(f"round {r + 1} {kind}: {rates[kind][-1]:,.0f} samples/s")
+    load_after = _loadavg()
+    lines = [
+        f"training step (forward + backward + Adagrad step) on "
+        f"{len(batches)} batches of {args.batch_size} rows of {Path(args.data).name}, preset {args.preset}, d = 16, "
+        f"hash/lma at {args.compression:g}x, {args.threads} torch thread(s), {args.rounds} alternating rounds",
+        f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
+        "",
+        "| kind | samples/s (median) | samples/s per round | vs full |",
+        "|---|---:|---|---:|",
+    ]
+    full = statistics.median(rates["full"]) if "full" in rates else None
+    for kind in kinds:
+        med = statistics.median(rates[kind])
+        ratio = f"{med / full:.2f}x" if full else "-"
+        per_round = ", ".join(f"{x:,.0f}" for x in rates[kind])
+        lines.append(f"| {kind} | {med:,.0f} | {per_round} | {ratio} |")
+    return "\n".join(lines)
+
+
+def bench_dp(args: argparse.Namespace) -> str:
+    counts = [int(x) for x in args.nproc.split(",") if x]
+    results: dict[str, list[dict[str, Any]]] = {}
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="lma-bench-dp-", dir=args.tmp) as tmp:
+        for r in range(args.rounds):
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                for threads in (args.threads // n, *((1,) if n == 1 and args.threads > 1 and args.single else ())):
+                    label = f"{n} x {threads} thread(s)"
+                    run = Path(tmp) / f"r{r}_{n}_{threads}"
+                    cmd = [sys.executable, "-m", "models.main", "train", "--data", str(args.data), "--cache-dir",
+                           str(args.cache_dir), "--epochs", "1", "--evals-per-epoch", "1", "--batch-size",
+                           str(args.batch_size), "--nproc", str(n), "--threads", str(threads), "--device", "cpu",
+                           "--max-rows", str(args.max_rows), "--no-progress", "--out", str(run)]  # fmt: skip
+                    subprocess.run(cmd, check=True, capture_output=True)
+                    m = json.loads((run / "metrics.json").read_text())
+                    results.setdefault(label, []).append(m)
+                    _progress(f"round {r + 1} {label}: {m['epochs'][0]['train_samples_per_s']:,.0f} samples/s, "
+                              f"val AUC {m['best']['val_auc']:.5f}")  # fmt: skip
+    load_after = _loadavg()
+    lines = [
+        f"`lma train` on {Path(args.data).name} ({args.max_rows or 'all'} rows), small preset, lma 16x, one epoch at "
+        f"global batch {args.batch_size}, {args.rounds} alternating rounds; gloo on CPU",
+        f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
+        "",
+        "| ranks x torch threads | train samples/s (median) | per round | val AUC (median) |",
+        "|---|---:|---|---:|",
+    ]
+    for label, ms in results.items():
+        rates = [m["epochs"][0]["train_samples_per_s"] for m in ms]
+        aucs = [m["best"]["val_auc"] for m in ms]
+        lines.append(f"| {label} | {statistics.median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)} |"
+                     f" {statistics.median(aucs):.5f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.benchmark", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ingest", help="old reader (a git revision) vs this tree's, alternating rounds")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--format", default="criteo")
+    p.add_argument("--old-rev", default="b41178c", help="git revision whose models/data.py is the old reader")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0, help="parser threads of the new reader (0: one per core)")
+    p.add_argument("--tmp", type=Path, default=None, help="folder for the temporary caches of the prepare rounds")
+    p.set_defaults(func=bench_ingest)
+    p = sub.add_parser("train", help="training samples/s of each embedding kind, alternating rounds")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--format", default="criteo")
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
+    p.add_argument("--max-rows", type=int, default=0)
+    p.add_argument("--kinds", default="full,hash,lma")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--compression", type=float, default=16.0)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=100, help="batches per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=bench_train)
+    p = sub.add_parser("dp", help="lma train with 1 and N data-parallel processes, alternating rounds")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
+    p.add_argument("--max-rows", type=int, default=0)
+    p.add_argument("--nproc", default="1,2")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2, help="cores to use: each of N ranks gets threads // N")
+    p.add_argument("--single", action="store_true", help="also 1 process with 1 thread")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tmp", type=Path, default=None)
+    p.set_defaults(func=bench_dp)
+    args = parser.parse_args(argv)
+    sys.stdout.write(args.func(args) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
