@@ -164,6 +164,10 @@ class Metrics:
         self.batch_size = Histogram(
             "lma_batch_size", "Samples per runtime call", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.probability = Histogram(
+            "lma_prediction_probability", "Predicted click probabilities, one observation per scored sample",
+            ["model"], buckets=PROBABILITY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.inference_samples = Counter("lma_inference_samples_total", "Samples scored", ["model"], registry=r)
         self.inference_batches = Counter("lma_inference_batches_total", "Runtime calls", ["model"], registry=r)
         self.queue_depth = Gauge(
@@ -195,10 +199,6 @@ class Metrics:
         self.compression = Gauge(
             "lma_model_compression_ratio", "Embedding compression: full embedding bytes / this embedding's bytes",
             ["model"], registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
-        self.probability = Histogram(
-            "lma_prediction_probability", "Predicted click probabilities, one observation per scored sample",
-            ["model"], buckets=PROBABILITY_BUCKETS, registry=r,
         )  # fmt: skip
         self.answered_late = Counter(
             "lma_answered_late_total",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,8 +38,34 @@ def to_batch(pieces: Sequence[Rows]) -> Batch:
     return Batch.concatenate([type(p).merge([p]) for p in pieces])
 
 
+class _Columns:
+    """Two arrays of one length B (the dataclass's fields, named in ``_columns``): len, slice, concatenate."""
+
+    __slots__ = ()
+    _columns: ClassVar[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return int(getattr(self, self._columns[1]).shape[0])
+
+    def slice(self: C, start: int, stop: int) -> C:
+        a, b = self._columns
+        return type(self)(getattr(self, a)[start:stop], getattr(self, b)[start:stop])  # type: ignore[call-arg]
+
+    @classmethod
+    def concatenate(cls: type[C], parts: Sequence[C]) -> C:
+        if len(parts) == 1:
+            return parts[0]
+        a, b = cls._columns
+        return cls(  # type: ignore[call-arg]
+            np.concatenate([getattr(p, a) for p in parts]), np.concatenate([getattr(p, b) for p in parts])
+        )
+
+
+C = TypeVar("C", bound=_Columns)
+
+
 @dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(_Columns):
     """Graph inputs of B samples.
 
     Args:
@@ -49,6 +75,7 @@ class Batch:
 
     dense: np.ndarray
     keys: np.ndarray
+    _columns: ClassVar[tuple[str, str]] = ("dense", "keys")
 
     def __post_init__(self) -> None:
         if self.dense.dtype != np.float32 or self.keys.dtype != np.int64:
@@ -57,18 +84,6 @@ class Batch:
             raise ValueError(
                 f"Batch needs (B, n_dense) and (B, F) arrays, got {self.dense.shape} and {self.keys.shape}"
             )
-
-    def __len__(self) -> int:
-        return self.keys.shape[0]
-
-    def slice(self, start: int, stop: int) -> Batch:
-        return Batch(self.dense[start:stop], self.keys[start:stop])
-
-    @staticmethod
-    def concatenate(batches: Sequence[Batch]) -> Batch:
-        if len(batches) == 1:
-            return batches[0]
-        return Batch(np.concatenate([b.dense for b in batches]), np.concatenate([b.keys for b in batches]))
 
     @staticmethod
     def merge(pieces: Sequence[Rows]) -> Batch:
@@ -81,25 +96,12 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
-class Scores:
+class Scores(_Columns):
     """Graph outputs of B samples: click ``probability`` float32 (B,) and ``fallback_tokens`` int64 (B,)."""
 
     probability: np.ndarray
     fallback_tokens: np.ndarray
-
-    def __len__(self) -> int:
-        return self.probability.shape[0]
-
-    def slice(self, start: int, stop: int) -> Scores:
-        return Scores(self.probability[start:stop], self.fallback_tokens[start:stop])
-
-    @staticmethod
-    def concatenate(parts: Sequence[Scores]) -> Scores:
-        if len(parts) == 1:
-            return parts[0]
-        return Scores(
-            np.concatenate([p.probability for p in parts]), np.concatenate([p.fallback_tokens for p in parts])
-        )
+    _columns: ClassVar[tuple[str, str]] = ("probability", "fallback_tokens")
 
 
 @dataclass(frozen=True, slots=True)
