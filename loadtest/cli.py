@@ -27,6 +27,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--workers", default="0,1", help="worker counts of the project's server (0: its default, one per core)"
     )
     p.add_argument("--reference", action="store_true", help="also measure the reference server side by side")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL:LMA_X=V[,LMA_Y=W]",
+        help="closed loop: also the default configuration with these settings, side by side (repeatable)",
+    )  # fmt: skip
     p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
     p.add_argument("--rounds", type=int, default=2, help="closed-loop rounds, servers alternating (default 2)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
@@ -65,6 +69,13 @@ def _bench(args: argparse.Namespace) -> int:
         check("torch", "train", "lma bench without --model-dir (it trains a demo model first)")
     if args.runtime == "torchscript":
         check("torch", "torchscript", "lma bench --runtime torchscript")
+    variants = []
+    for item in args.variant:
+        label, sep, settings = item.partition(":")
+        pairs = [kv.partition("=") for kv in settings.split(",") if kv]
+        if not sep or not label or not pairs or any(not s or not k.startswith("LMA_") for k, s, _ in pairs):
+            raise ValueError(f"--variant: expected LABEL:LMA_NAME=VALUE[,LMA_NAME=VALUE], got {item!r}")
+        variants.append((label, tuple((k, v) for k, _, v in pairs)))
     env = []
     for item in args.server_env:
         key, sep, value = item.partition("=")
@@ -77,6 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
         data_format=args.format,
         workers=parse_list(args.workers, int, "--workers"),
         reference=args.reference,
+        variants=tuple(variants),
         runtime=args.runtime,
         rounds=args.rounds,
         duration_s=args.duration,

@@ -36,6 +36,8 @@ class BenchConfig:
     data_format: str = "criteo"
     workers: tuple[int, ...] = (0, 1)
     reference: bool = False
+    # closed loop only: the default configuration with other settings, side by side ((label, ((LMA_X, value),)))
+    variants: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     runtime: str = "onnx"
     rounds: int = 2
     duration_s: float = 5.0

@@ -46,7 +46,8 @@ def _servers(report: BenchReport) -> tuple[list[str], str | None]:
 
 
 def _default_project(report: BenchReport) -> str | None:
-    project, _ = _servers(report)
+    """The project's server with its own settings (not a ``--variant``), the most workers first."""
+    project = [n for n in _servers(report)[0] if ", " not in n]
     return max(project, key=lambda n: next(r.workers for r in report.runs if r.server == n), default=None)
 
 

@@ -100,7 +100,9 @@ def _workloads(port: int, path: str, single: Sequence[bytes], batch: Sequence[by
     }
 
 
-def _project(cfg: BenchConfig, bundle: Path, rows: Rows, workers: int, log: Path, **env: str) -> Target:
+def _project(
+    cfg: BenchConfig, bundle: Path, rows: Rows, workers: int, log: Path, label: str = "", **env: str
+) -> Target:
     n = _resolved_workers(workers)
     server = ServerProcess(lambda port: lma_serve_command(bundle, port, n, cfg.runtime), cfg.env(**env), log)
     pools = build_pools(rows, batch_size=cfg.batch_size, entities=1)
@@ -109,7 +111,8 @@ def _project(cfg: BenchConfig, bundle: Path, rows: Rows, workers: int, log: Path
         server.port, f"/v1/models/{name}:predict", pools.native_single.bodies, pools.native_batch.bodies,
         cfg.batch_size, native_response_problem,
     )  # fmt: skip
-    return Target(project_name(n), n, False, server, works)
+    name = project_name(n) if not label else f"lma serve ({workers_label(n)}, {label})"
+    return Target(name, n, False, server, works)
 
 
 def _reference(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
@@ -228,6 +231,9 @@ def _closed_loop(
             stack.enter_context(_started(_project(cfg, bundle, rows, w, work_dir / f"server-{w}w.log")))
             for w in workers
         ]
+        for k, (label, extra) in enumerate(cfg.variants):  # the default configuration with other settings
+            log = work_dir / f"server-variant-{k}.log"
+            targets.append(stack.enter_context(_started(_project(cfg, bundle, rows, 0, log, label, **dict(extra)))))
         if cfg.reference:
             targets.append(stack.enter_context(_started(_reference(cfg, bundle, rows, work_dir / "reference.log"))))
         for t in targets:

@@ -244,6 +244,7 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
         model_dir=bundle_dir.parent,  # artifacts/NAME: its latest version
         workers=(1,),
         reference=True,
+        variants=(("wait 5 ms", (("LMA_MAX_WAIT_MS", "5"),)),),
         rounds=2,
         duration_s=0.3,
         warmup_s=0.0,
@@ -261,17 +262,18 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     report = bench.run_bench(cfg, say=lines.append)
     bench.write_report(report, cfg.out, cfg.plot_path)
 
-    project, reference = "lma serve (1 worker)", f"reference ({bench_runs.workers_label(report.runs[1].workers)})"
+    project = "lma serve (1 worker)"
+    variant = f"lma serve ({bench_runs.workers_label(report.runs[1].workers)}, wait 5 ms)"
+    reference = f"reference ({bench_runs.workers_label(report.runs[2].workers)})"
     closed = [(r.server, r.kind, r.round) for r in report.runs if r.mode == "closed"]
     assert closed == [
-        (project, "single", 0), (reference, "single", 0), (project, "batch", 0), (reference, "batch", 0),
-        (project, "single", 1), (reference, "single", 1), (project, "batch", 1), (reference, "batch", 1),
-    ]  # fmt: skip  # the servers take turns, cell by cell, round after round
+        (s, kind, round_) for round_ in (0, 1) for kind in ("single", "batch") for s in (project, variant, reference)
+    ]  # the servers take turns, cell by cell, round after round
     opened = [r for r in report.runs if r.mode == "open"]
     assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0)]
     assert all(r.load["errors"] == {} and r.load["completed"] > 0 for r in report.runs)
     assert all(r.load["goodput_per_s"] <= r.load["ok_per_s"] for r in opened)
-    assert [r.samples_per_request for r in report.runs[:4]] == [1, 1, 4, 4]
+    assert [r.samples_per_request for r in report.runs[:6]] == [1, 1, 1, 4, 4, 4]
     assert [(r["batch_size"], r["threads"]) for r in report.raw] == [
         (b, t) for t in bench.RAW_THREADS for b in bench.RAW_BATCH_SIZES
     ]
@@ -296,7 +298,7 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(lines) == 1 + 1 + 8 + 2 * 2  # model, closed-loop start, 8 closed runs, 2 x (open start + run)
+    assert len(lines) == 1 + 1 + 12 + 2 * 2  # model, closed-loop start, 12 closed runs, 2 x (open start + run)
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
