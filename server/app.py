@@ -240,7 +240,7 @@ def _openapi(app: LmaApp) -> dict[str, Any]:
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         paths = doc.setdefault("paths", {})
-        for path, operations in openapi_paths(app.routes_table.routes).items():
+        for path, operations in openapi_paths(app.routes_table.routes, app.max_timeout_s * 1000).items():
             paths.setdefault(path, {}).update(operations)
         doc["paths"] = dict(sorted(paths.items()))
         doc.setdefault("components", {}).setdefault("schemas", {}).update(schemas.component_schemas())

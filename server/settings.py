@@ -8,14 +8,13 @@ refuses to start with a line like ``LMA_MAX_BATCH_SIZE: must be >= 1 (got 0)``.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.cores import available_cores
 
 ENV_PREFIX = "LMA_"
 
@@ -116,16 +115,6 @@ class Settings(BaseSettings):
     @property
     def admin_enabled(self) -> bool:
         return self.admin_token is not None
-
-
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    return max(1, cores)
 
 
 def worker_count(settings: Settings) -> int:

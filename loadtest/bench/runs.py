@@ -88,7 +88,7 @@ def project_name(workers: int) -> str:
 
 
 def _resolved_workers(requested: int) -> int:
-    from server.settings import available_cores
+    from models.cores import available_cores  # what `lma serve` runs without --workers: one worker per core
 
     return requested or available_cores()
 
@@ -266,10 +266,10 @@ def _open_loop(
         rates = tuple(r for r in rates if r > 0)
         for deadline in cfg.deadlines_ms:
             env = {} if deadline is None else {"LMA_REQUEST_TIMEOUT_MS": f"{deadline:g}"}
-            deadline_ms = deadline if deadline is not None else _default_deadline_ms(cfg)
-            log = work_dir / f"server-{w}w-open-{deadline_ms:g}ms.log"
+            log = work_dir / f"server-{w}w-open-{'default' if deadline is None else f'{deadline:g}'}ms.log"
             with _started(_project(cfg, bundle, rows, w, log, **env)) as t:
                 t.server.wait_ready()
+                deadline_ms = deadline if deadline is not None else served_deadline_ms(t.server.url)
                 _warm_up(cfg, t)
                 say(f"open loop: {t.name}, deadline {deadline_ms:g} ms, capacity {capacity:.0f}/s")
                 for k, rate in enumerate(rates):
@@ -286,13 +286,17 @@ def _open_loop(
                     say(line(record))
 
 
-def _default_deadline_ms(cfg: BenchConfig) -> float:
-    value = dict(cfg.server_env).get("LMA_REQUEST_TIMEOUT_MS")
-    if value is not None:
-        return float(value)
-    from server.settings import Settings
+def served_deadline_ms(url: str) -> float:
+    """The server's own deadline (LMA_REQUEST_TIMEOUT_MS), as its OpenAPI document gives it: the default of the
+    ``X-Request-Timeout-Ms`` header of a scoring route (the benchmark talks to the server over HTTP only)."""
+    import httpx
 
-    return float(Settings.model_fields["request_timeout_ms"].default)
+    doc = httpx.get(f"{url}/openapi.json", timeout=10).json()
+    for operations in doc["paths"].values():
+        for p in operations.get("post", {}).get("parameters", ()):
+            if p["name"] == "X-Request-Timeout-Ms":
+                return float(p["schema"]["default"])
+    raise RuntimeError(f"{url}/openapi.json documents no X-Request-Timeout-Ms header: not an lma server?")
 
 
 @contextlib.contextmanager

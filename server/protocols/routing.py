@@ -170,18 +170,21 @@ def admit(engine: Engine, scope: Scope, name: str | None, version: str | None, m
 
 # --- the OpenAPI document ---
 
-TIMEOUT_PARAMETER: dict[str, Any] = {
-    "name": "X-Request-Timeout-Ms",
-    "in": "header",
-    "required": False,
-    "description": "the request's deadline in milliseconds from its arrival, at most LMA_REQUEST_TIMEOUT_MS (the"
-    " default); a request that cannot be answered in time is refused at once with 503 + Retry-After, one whose"
-    " deadline passes in the queue gets 504",
-    "schema": {"type": "number", "exclusiveMinimum": 0},
-}
+
+def timeout_parameter(max_timeout_ms: float) -> dict[str, Any]:
+    """The ``X-Request-Timeout-Ms`` header of a scoring route; its default and maximum are this server's deadline."""
+    return {
+        "name": "X-Request-Timeout-Ms",
+        "in": "header",
+        "required": False,
+        "description": "the request's deadline in milliseconds from its arrival, at most LMA_REQUEST_TIMEOUT_MS (the"
+        " default); a request that cannot be answered in time is refused at once with 503 + Retry-After, one whose"
+        " deadline passes in the queue gets 504",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_timeout_ms, "default": max_timeout_ms},
+    }
 
 
-def openapi_paths(routes: Sequence[ScoringRoute]) -> dict[str, dict[str, Any]]:
+def openapi_paths(routes: Sequence[ScoringRoute], max_timeout_ms: float) -> dict[str, dict[str, Any]]:
     """The ``paths`` entries of ``routes`` (refs to ``#/components/schemas/...``, see :func:`component_schemas`)."""
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
@@ -195,7 +198,7 @@ def openapi_paths(routes: Sequence[ScoringRoute]) -> dict[str, dict[str, Any]]:
             {"name": p, "in": "path", "required": True, "schema": {"type": "string", "title": p.title()}}
             for p in r.parameters
         ]
-        parameters.append(TIMEOUT_PARAMETER)
+        parameters.append(timeout_parameter(max_timeout_ms))
         operation_id = re.sub(r"\W+", "_", r.template.strip("/")) + "_post"
         paths[r.template] = {
             "post": {

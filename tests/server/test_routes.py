@@ -290,6 +290,8 @@ def test_every_response_carries_a_request_id(app_client: TestClient) -> None:
 def test_openapi_documents_the_bodies(app_client: TestClient) -> None:
     doc = app_client.get("/openapi.json").json()
     predict = doc["paths"]["/v1/models/{name}:predict"]["post"]
+    (timeout,) = [p for p in predict["parameters"] if p["name"] == "X-Request-Timeout-Ms"]
+    assert (timeout["in"], timeout["schema"]["default"], timeout["schema"]["maximum"]) == ("header", 2000.0, 2000.0)
     assert (
         predict["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/PredictRequest"
     )
