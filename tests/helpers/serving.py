@@ -139,3 +139,23 @@ def serve(model_dir: Path, log: Path, workers: int = 1, **env: str) -> ServerPro
     start a server), with the admin token of these tests, one runtime thread, and ``env`` on top."""
     settings = {"LMA_ADMIN_TOKEN": ADMIN_TOKEN, "LMA_INTRA_OP_THREADS": "1", **env}
     return ServerProcess(lambda port: lma_serve_command(model_dir, port, workers), settings, log)
+
+
+def flip_a_byte(path: Path, mask: int = 0x01) -> bytes:
+    """XOR the middle byte of ``path`` with ``mask`` (a corrupted file of the same size); the new contents."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= mask
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def forge(bundle_dir: Path) -> Path:
+    """Change the bundle's model.onnx and write its new sha256 into the manifest: checksums pass, signatures don't."""
+    import hashlib
+    import json
+
+    data = flip_a_byte(bundle_dir / "model.onnx")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["files"]["model.onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return bundle_dir

@@ -18,7 +18,16 @@ from server.engine import Engine, Prediction
 from server.features import InMemoryFeatureStore
 from server.metrics import Metrics
 from server.registry import ModelRegistry
-from tests.helpers.serving import ADMIN_TOKEN, Bundles, as_float32, direct_scores, instance, make_repo, settings_for
+from tests.helpers.serving import (
+    ADMIN_TOKEN,
+    Bundles,
+    as_float32,
+    direct_scores,
+    flip_a_byte,
+    instance,
+    make_repo,
+    settings_for,
+)
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 RELOAD = "/v1/models/criteo:reload"
@@ -35,10 +44,7 @@ def samples(client: TestClient, name: str) -> dict[tuple[tuple[str, str], ...], 
 
 def corrupt_copy(bundle_path: Path, dst: Path) -> Path:
     shutil.copytree(bundle_path, dst)
-    onnx = dst / "model.onnx"
-    data = bytearray(onnx.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    onnx.write_bytes(bytes(data))
+    flip_a_byte(dst / "model.onnx", 0xFF)
     return dst
 
 

@@ -8,7 +8,6 @@ and (admin) answer why.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ from server.features import InMemoryFeatureStore
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.settings import load_settings
-from tests.helpers.serving import ADMIN_TOKEN, Bundles, instance, make_repo, settings_for
+from tests.helpers.serving import ADMIN_TOKEN, Bundles, forge, instance, make_repo, settings_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 RELOAD = "/v1/models/criteo:reload"
@@ -61,19 +60,10 @@ def version_served(client: TestClient) -> str:
     return str(r.json()["version"])
 
 
-def forge(src: Path, dst: Path) -> Path:
+def forged_copy(src: Path, dst: Path) -> Path:
     """A copy of ``src`` whose model.onnx changed and whose manifest carries the new sha256: checksums pass."""
     shutil.copytree(src, dst)
-    onnx = dst / "model.onnx"
-    data = bytearray(onnx.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    onnx.write_bytes(bytes(data))
-    import hashlib
-
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["files"]["model.onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    return dst
+    return forge(dst)
 
 
 def test_admin_reload_refuses_what_no_trusted_key_signed(
@@ -86,7 +76,7 @@ def test_admin_reload_refuses_what_no_trusted_key_signed(
     BundleSigner(keys["other.pem"]).sign(other)
     good = make_repo(tmp_path / "good", bundles.criteo_v2) / "criteo" / "2"
     BundleSigner(keys["trusted.pem"]).sign(good)
-    forged = forge(good, tmp_path / "forged" / "criteo" / "2")  # signed, then changed: the signature still there
+    forged = forged_copy(good, tmp_path / "forged" / "criteo" / "2")  # signed, then changed: the signature still there
     settings = settings_for(repo, trusted_keys=(keys["other.pub"], keys["trusted.pub"]))
     with TestClient(build_app(settings)) as client:
         assert version_served(client) == "1"
