@@ -93,7 +93,15 @@ def build_model(cfg: RunConfig) -> CTRModel:
     )
     if isinstance(cfg.model, LinearConfig):
         return CTRModel(LogisticRegression(cfg.model, embedding))
-    return CTRModel(DLRM(cfg.model, embedding))
+    part = None
+    if cfg.model.linear:  # the linear reference's own embedding, seeded as the run's
+        part_embedding = build_embedding(
+            linear.reference_embedding(cfg.embedding.seed),
+            cfg.model.num_fields,
+            linear.reference_bytes(cfg.distinct_tokens),
+        )
+        part = LogisticRegression(LinearConfig(cfg.model.num_dense, cfg.model.num_fields), part_embedding)
+    return CTRModel(DLRM(cfg.model, embedding, part))
 
 
 def save_run(run_dir: Path, model: CTRModel, cfg: RunConfig) -> None:
@@ -136,14 +144,19 @@ def memory_accounting(model: CTRModel, full_embedding_bytes: int) -> dict[str, A
 
     ``embedding_bytes`` counts every byte the embedding carries: for ``hash``/``lma`` the shared
     memory, the whole signature table (keys, values, empty slots) and the hash seeds; for ``full``
-    its table and its in-graph vocabulary index.
+    its table and its in-graph vocabulary index; and a DLRM's linear part's per-token weights and
+    their hash seeds (``linear_weights``): they are per-token memory, so the compression counts them.
     """
     emb: FullEmbedding | SharedMemoryEmbedding = model.dlrm.embedding  # type: ignore[assignment]
     parts = {k: int(v) for k, v in emb.memory_parts().items()}
+    per_token: tuple[str, ...] = ("dlrm.embedding.",)
+    part = getattr(model.dlrm, "linear", None)
+    if part is not None:
+        part_emb: SharedMemoryEmbedding = part.embedding
+        parts["linear_weights"] = int(sum(part_emb.memory_parts().values()))
+        per_token += ("dlrm.linear.embedding.",)
     embedding_bytes = sum(parts.values())
-    dense_bytes = sum(
-        p.numel() * FLOAT_BYTES for n, p in model.named_parameters() if not n.startswith("dlrm.embedding.")
-    )
+    dense_bytes = sum(p.numel() * FLOAT_BYTES for n, p in model.named_parameters() if not n.startswith(per_token))
     return {
         "kind": emb.config.kind,
         "full_embedding_bytes": int(full_embedding_bytes),

@@ -53,6 +53,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=MODEL_KINDS, default="dlrm", help="dlrm, or lr: the linear reference")
     m.add_argument("--preset", choices=PRESET_NAMES, default="small")
+    m.add_argument(
+        "--linear-part", action=argparse.BooleanOptionalAction, default=True,
+        help="dlrm: a linear reference inside (one hashed weight per token, counted in the memory), trained first;"
+        " --no-linear-part: the recipe before it (first-order terms, no memory per token)",
+    )  # fmt: skip
     m.add_argument("--embedding", choices=EMBEDDING_KINDS, default=None, help="default: lma (dlrm), hash (lr)")
     m.add_argument("--dim", type=int, default=0, help="embedding dimension (0: the preset's; lr: 1)")
     m.add_argument("--compression", type=float, default=None, help="default: 16 (dlrm), 1 (lr)")

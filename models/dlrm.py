@@ -4,15 +4,22 @@
     keys  (B, F)       -> embedding  -> (B, F, D)
     pairwise dot products of the F (+1) vectors, upper triangle -> concat bottom output
     -> top MLP -> one logit; sigmoid gives the click probability.
-    first-order terms (``first_order``): + sum over fields of w_f . e_f + a linear layer on dense (B, 1)
+    linear part (``linear``): + the logit of a logistic regression over the same keys and dense values
+    first-order terms (``first_order``, run folders of before): + sum over fields of w_f . e_f + a linear layer on dense
 
-The first-order terms (zero at init) give every token a linear effect read from its own embedding, at
-no memory per token (F x D + n_dense weights); without them a token's effect on the logit passes only
-through dot products with other vectors. With them, and embeddings initialised at a tenth of their
-usual scale (``embedding_init``: rare tokens start near zero instead of adding random dot products),
-the small preset at 16x LMA gained 0.004 test AUC on 1M synthetic rows and 0.02-0.07 on 50k-5k rows
-(docs/RESULTS.md, "DLRM against the linear reference"). Run folders from before keep the plain DLRM
-(their config has neither entry).
+The linear part is the linear reference of :mod:`models.linear` inside the DLRM: one hashed weight per
+token (``hash`` at 1x, dimension 1, counted in the memory accounting) plus a linear layer on the dense
+values and a bias. The top MLP's last layer starts at zero, so an initialised DLRM *is* its linear part,
+and training runs in two stages (:mod:`models.train`): the linear part alone first, exactly as
+``--model lr`` trains, then everything from that stage's best validation point. The best validation
+over both stages is kept, so the DLRM cannot end below the linear reference's validation AUC, which on
+small data (a few thousand rows, where a DLRM overfits within an epoch) it did before (docs/RESULTS.md,
+"DLRM against the linear reference"). Embeddings are initialised at a tenth of their usual scale
+(``embedding_init``: rare tokens start near zero instead of adding random dot products).
+
+The first-order terms (zero at init; a learned w_f . e_f per field and a linear dense term, no memory
+per token) were the recipe before the linear part; run folders with them, or with neither (their config
+has none of these entries), load as they were trained.
 
 :class:`CTRModel` is the whole servable model around a network (this DLRM, or the linear reference of
 :mod:`models.linear`): it takes the graph inputs of every bundle (``dense`` float32 (B, n_dense),
@@ -26,14 +33,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from models.linear import LogisticRegression
 from models.embeddings import (
     EmbeddingConfig,
     FullEmbedding,
     SharedMemoryEmbedding,
     SharedMemoryLayout,
 )
+from models.linear import LogisticRegression
 
 ARCHITECTURE = "dlrm"
 PRESETS: dict[str, dict[str, object]] = {
@@ -55,6 +61,7 @@ class DLRMConfig:
     top: list[int]
     first_order: bool = False
     embedding_init: float = 1.0  # scale applied to the embedding's own initial values
+    linear: bool = False  # a linear reference inside (models.linear), trained first
 
     def __post_init__(self) -> None:
         if not self.embedding_init > 0:
@@ -124,12 +131,28 @@ class DotInteraction(nn.Module):
 
 
 class DLRM(nn.Module):
-    """Bottom MLP + embedding + dot interaction + top MLP (+ first-order terms) -> logit (B, 1)."""
+    """Bottom MLP + embedding + dot interaction + top MLP (+ linear part, + first-order terms) -> logit (B, 1).
+
+    ``linear_part``: a :class:`models.linear.LogisticRegression` over the same inputs (the attribute
+    ``linear``); given exactly when ``config.linear``.
+    """
 
     first_order_weight: torch.Tensor
 
-    def __init__(self, config: DLRMConfig, embedding: nn.Module) -> None:
+    def __init__(self, config: DLRMConfig, embedding: nn.Module, linear_part: LogisticRegression | None = None) -> None:
         super().__init__()
+        if config.linear != (linear_part is not None):
+            raise ValueError(
+                "a DLRM with a linear part needs its LogisticRegression, and one without takes none"
+                f" (config.linear={config.linear}, linear part given: {linear_part is not None})"
+            )
+        if linear_part is not None and (
+            linear_part.config.num_fields != config.num_fields or linear_part.config.num_dense != config.num_dense
+        ):
+            raise ValueError(
+                f"linear part ({linear_part.config.num_fields} fields, {linear_part.config.num_dense} dense) does not"
+                f" match the model config ({config.num_fields} fields, {config.num_dense} dense)"
+            )
         if embedding.embedding_dim != config.embedding_dim or embedding.num_fields != config.num_fields:
             raise ValueError(
                 f"embedding (dim {embedding.embedding_dim}, {embedding.num_fields} fields) does not match"
@@ -162,6 +185,12 @@ class DLRM(nn.Module):
             with torch.no_grad():
                 for p in embedding.parameters():
                     p.mul_(config.embedding_init)
+        self.linear = linear_part
+        if linear_part is not None:  # the deep part adds exactly 0 until training moves this layer
+            last = self.top[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, dense: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logit (B, 1), stored (B, F))."""
@@ -173,6 +202,8 @@ class DLRM(nn.Module):
         else:
             features = self.interaction(emb)  # (B, pairs)
         logit = self.top(features)  # (B, 1)
+        if self.linear is not None:
+            logit = logit + self.linear(dense, keys)[0]  # (B, 1)
         if self.first_order:
             logit = logit + (emb * self.first_order_weight).sum(dim=(1, 2)).unsqueeze(1)  # (B, 1)
             if self.has_dense:
@@ -196,7 +227,7 @@ class CTRModel(nn.Module):
     if TYPE_CHECKING:  # for mypy only: TorchScript refuses module-typed class annotations
         dlrm: DLRM | LogisticRegression
 
-    def __init__(self, dlrm: "DLRM | LogisticRegression") -> None:
+    def __init__(self, dlrm: DLRM | LogisticRegression) -> None:
         super().__init__()
         self.dlrm = dlrm
 

@@ -25,7 +25,23 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from models.embeddings import FLOAT_BYTES, EmbeddingConfig
+
 ARCHITECTURE = "lr"
+
+
+def reference_embedding(seed: int) -> EmbeddingConfig:
+    """The linear reference's embedding: ``hash`` at 1x, dimension 1 (as many hashed weights as training tokens).
+
+    What ``--model lr`` trains by default and what a DLRM's linear part (``DLRMConfig.linear``) is built
+    with, so that the DLRM's first training stage is exactly the reference's training.
+    """
+    return EmbeddingConfig(kind="hash", embedding_dim=1, compression=1.0, seed=seed)
+
+
+def reference_bytes(distinct_tokens: int) -> int:
+    """``full_embedding_bytes`` of a dimension-1 embedding: one float per distinct training token."""
+    return distinct_tokens * FLOAT_BYTES
 
 
 @dataclass

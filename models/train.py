@@ -15,9 +15,18 @@ at its best); training stops after ``patience`` validations without a gain; the 
 vectors carry an L2 penalty (``embedding_l2``, per occurrence: frequent tokens are held as much as
 their data allows, a token seen twice cannot memorise its labels); the learning rate follows
 ``lr_schedule`` over the planned steps.
+
+A DLRM with a linear part (the default, ``linear_part``; :mod:`models.dlrm`) trains in two stages: the
+``linear`` stage trains the linear part alone (the other parameters get no gradient, and the DLRM's top
+layer is still zero, so each step and each validation are exactly those of ``--model lr`` with the same
+seed), then the ``all`` stage trains everything from the linear stage's best point (weights and
+optimizer state), each stage for at most ``epochs`` epochs with its own early stop. The best validation
+over both stages is what the run folder keeps. A model without a linear part has one stage, ``all``.
+Every validation and epoch record says its stage.
 """
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -63,6 +72,7 @@ class TrainSettings:
     cache_dir: Path = Path("data/cache")
     model: str = "dlrm"
     preset: str = "small"
+    linear_part: bool = True  # DLRM: a linear reference inside, trained first (models/dlrm.py)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     optimizer: str = "adagrad"
     lr: float = 0.0
@@ -140,6 +150,7 @@ class TrainSettings:
             cache_dir=args.cache_dir,
             model=model,
             preset=args.preset,
+            linear_part=getattr(args, "linear_part", True),
             embedding=emb,
             optimizer=args.optimizer,
             lr=args.lr,
@@ -287,6 +298,8 @@ def build_run_config(
         model_cfg = LinearConfig(schema.num_dense, schema.num_fields)
     else:
         model_cfg = DLRMConfig.from_preset(settings.preset, schema.num_dense, schema.num_fields, emb.embedding_dim)
+        if settings.linear_part:  # the recipe: the linear reference inside, in place of the first-order terms
+            model_cfg = replace(model_cfg, linear=True, first_order=False)
     cfg = RunConfig(
         schema=schema,
         model=model_cfg,
@@ -458,98 +471,119 @@ def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distri
     if ctx.main:
         log.info("memory: %s", json.dumps(memory))
 
-    net: nn.Module = model.dlrm
-    if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model.dlrm, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, forward_sync_buffers=False
-        )  # the tables are buffers, identical on every rank after the broadcast: not re-sent every step
     looked_up: list[torch.Tensor] = []
     if settings.embedding_l2:
         model.dlrm.embedding.register_forward_hook(lambda m, _i, out: looked_up.append(out[0]) if m.training else None)
 
+    # One optimizer for both stages: in the linear stage only the linear part gets gradients, and the
+    # optimizers step only parameters that have one, so that stage is exactly the reference's training.
     optimizer = make_optimizer(model, settings)
     batch = settings.batch_size
     steps_per_epoch = math.ceil(train_idx.size / batch)
     eval_every = max(1, math.ceil(steps_per_epoch / settings.evals_per_epoch))
-    schedule = make_schedule(optimizer, settings.lr_schedule, steps_per_epoch * settings.epochs)
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     epochs: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
     step_loss: list[tuple[int, float]] = []
-    best: dict[str, Any] = {"epoch": 0, "step": 0, "samples": 0, "val_auc": -1.0}
-    seen, step, since_best, stop = 0, 0, 0, False
+    best: dict[str, Any] = {"epoch": 0, "step": 0, "samples": 0, "val_auc": -1.0, "stage": None}
+    seen, step, epoch = 0, 0, 0
+    stages: list[tuple[str, nn.Module]] = [("all", model.dlrm)]
+    linear_part = getattr(model.dlrm, "linear", None)
+    if isinstance(linear_part, nn.Module):
+        stages.insert(0, ("linear", linear_part))
 
-    def validate(epoch: int) -> None:
-        nonlocal since_best, stop
+    since_best, stop = 0, False
+    at_best: dict[str, Any] | None = None  # the best point of a stage before the last, where the next one starts
+
+    def validate(stage: str, lr: float) -> None:
+        nonlocal since_best, stop, at_best
         val = evaluate(model, prepared, val_idx, ctx)
-        record = {"epoch": epoch, "step": step, "samples": seen, "val_auc": val["auc"],
-                  "val_logloss": val["logloss"], "lr": schedule.get_last_lr()[0]}  # fmt: skip
+        record = {"stage": stage, "epoch": epoch, "step": step, "samples": seen, "val_auc": val["auc"],
+                  "val_logloss": val["logloss"], "lr": lr}  # fmt: skip
         evaluations.append(record)
         if val["auc"] > best["val_auc"]:
-            best.update(epoch=epoch, step=step, samples=seen, val_auc=val["auc"])
+            best.update(epoch=epoch, step=step, samples=seen, val_auc=val["auc"], stage=stage)
             since_best = 0
             if ctx.main:
                 save_run(run_dir, model, cfg)  # keep the best so far on disk
+            if stage != stages[-1][0]:
+                at_best = {"model": copy.deepcopy(model.state_dict()),
+                           "optimizer": copy.deepcopy(optimizer.state_dict())}  # fmt: skip
         else:
             since_best += 1
             stop = since_best >= settings.patience
 
-    model.train()
-    for epoch in range(1, settings.epochs + 1):
-        t0, n, train_seconds, running = time.perf_counter(), 0, 0.0, 0.0
-        batches = iter_batches(prepared, train_idx, batch, shuffle=True, seed=settings.seed + epoch,
-                               shard=(ctx.rank, ctx.world))  # fmt: skip
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not (settings.progress and ctx.main),
-                   unit="batch")  # fmt: skip
-        tick = time.perf_counter()
-        for i, (dense, keys, labels) in enumerate(bar):
-            rows = min(batch, train_idx.size - i * batch)  # of the global batch, all ranks together
-            labels = labels.to(ctx.device)
-            logit, _ = net(dense.to(ctx.device), keys.to(ctx.device))
-            # Sum over this rank's rows / global rows * world: DDP averages over ranks, so the gradient
-            # is the mean over the global batch, as in one process.
-            loss = loss_fn(logit.squeeze(1), labels)
-            if looked_up:
-                loss = loss + settings.embedding_l2 * looked_up.pop().pow(2).sum()
-            looked_up.clear()
-            optimizer.zero_grad(set_to_none=True)
-            (loss * (ctx.world / rows)).backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            n += rows
-            seen += rows
-            local_loss = loss.item() / max(len(labels), 1)
-            running = 0.98 * running + 0.02 * local_loss if i else local_loss
-            if i % 20 == 0:
-                step_loss.append((seen, running))
-                bar.set_postfix(
-                    loss=f"{running:.4f}", samples_s=f"{n / (train_seconds + time.perf_counter() - tick):,.0f}"
-                )
-            if (i + 1) % eval_every == 0 or i == steps_per_epoch - 1:  # evenly within each epoch, and at its end
-                train_seconds += time.perf_counter() - tick
-                validate(epoch)
-                tick = time.perf_counter()
-                if stop:
-                    break
-        bar.close()
-        train_seconds += time.perf_counter() - tick
-        last = evaluations[-1]
-        record = {
-            "epoch": epoch,
-            "val_auc": last["val_auc"],
-            "val_logloss": last["val_logloss"],
-            "train_loss": running,
-            "train_samples_per_s": n / train_seconds if train_seconds else None,
-            "seconds": time.perf_counter() - t0,
-        }
-        epochs.append(record)
-        if ctx.main:
-            log.info("epoch %d: val_auc=%.5f val_logloss=%.5f %.0f samples/s (%d rank(s))", epoch,
-                     last["val_auc"], last["val_logloss"], record["train_samples_per_s"] or 0, ctx.world)  # fmt: skip
-        if stop:
-            log.info("early stop: no val AUC gain in %d validation(s)", settings.patience)
-            break
+    for stage, module in stages:
+        net = module
+        if ctx.distributed:
+            net = nn.parallel.DistributedDataParallel(
+                module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, forward_sync_buffers=False
+            )  # the tables are buffers, identical on every rank after the broadcast: not re-sent every step
+        schedule = make_schedule(optimizer, settings.lr_schedule, steps_per_epoch * settings.epochs)
+        since_best, stop, at_best = 0, False, None
+
+        model.train()
+        for _ in range(settings.epochs):
+            epoch += 1
+            t0, n, train_seconds, running = time.perf_counter(), 0, 0.0, 0.0
+            batches = iter_batches(prepared, train_idx, batch, shuffle=True, seed=settings.seed + epoch,
+                                   shard=(ctx.rank, ctx.world))  # fmt: skip
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch} ({stage})", unit="batch",
+                       disable=not (settings.progress and ctx.main))  # fmt: skip
+            tick = time.perf_counter()
+            for i, (dense, keys, labels) in enumerate(bar):
+                rows = min(batch, train_idx.size - i * batch)  # of the global batch, all ranks together
+                labels = labels.to(ctx.device)
+                logit, _ = net(dense.to(ctx.device), keys.to(ctx.device))
+                # Sum over this rank's rows / global rows * world: DDP averages over ranks, so the gradient
+                # is the mean over the global batch, as in one process.
+                loss = loss_fn(logit.squeeze(1), labels)
+                if looked_up:
+                    loss = loss + settings.embedding_l2 * looked_up.pop().pow(2).sum()
+                looked_up.clear()
+                optimizer.zero_grad(set_to_none=True)
+                (loss * (ctx.world / rows)).backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                n += rows
+                seen += rows
+                local_loss = loss.item() / max(len(labels), 1)
+                running = 0.98 * running + 0.02 * local_loss if i else local_loss
+                if i % 20 == 0:
+                    step_loss.append((seen, running))
+                    bar.set_postfix(
+                        loss=f"{running:.4f}", samples_s=f"{n / (train_seconds + time.perf_counter() - tick):,.0f}"
+                    )
+                if (i + 1) % eval_every == 0 or i == steps_per_epoch - 1:  # evenly within each epoch, and at its end
+                    train_seconds += time.perf_counter() - tick
+                    validate(stage, float(schedule.get_last_lr()[0]))
+                    tick = time.perf_counter()
+                    if stop:
+                        break
+            bar.close()
+            train_seconds += time.perf_counter() - tick
+            last = evaluations[-1]
+            record = {
+                "stage": stage,
+                "epoch": epoch,
+                "val_auc": last["val_auc"],
+                "val_logloss": last["val_logloss"],
+                "train_loss": running,
+                "train_samples_per_s": n / train_seconds if train_seconds else None,
+                "seconds": time.perf_counter() - t0,
+            }
+            epochs.append(record)
+            if ctx.main:
+                log.info("epoch %d (%s): val_auc=%.5f val_logloss=%.5f %.0f samples/s (%d rank(s))", epoch,
+                         stage, last["val_auc"], last["val_logloss"], record["train_samples_per_s"] or 0,
+                         ctx.world)  # fmt: skip
+            if stop:
+                log.info("%s stage: early stop, no val AUC gain in %d validation(s)", stage, settings.patience)
+                break
+        if at_best is not None:  # the next stage starts from this one's best point (every rank alike)
+            model.load_state_dict(at_best["model"])
+            optimizer.load_state_dict(at_best["optimizer"])
 
     if not ctx.main:
         return None

@@ -1,5 +1,6 @@
 """The linear reference end to end: `lma train --model lr` -> `lma export` -> the server scores it like any model."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,46 @@ def test_lr_refuses_a_dimension(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code = main(["train", "--data", str(tmp_path / "x.tsv"), "--model", "lr", "--dim", "8", "--out", str(tmp_path)])
     assert code == 2
     assert "--model lr has one weight per token: --dim must be 1 (or 0), got 8" in capsys.readouterr().err
+
+
+def test_the_dlrm_trains_through_the_linear_reference(trained: Path) -> None:
+    """The default DLRM holds the reference: its first stage is `--model lr` step for step, so it ends at or above."""
+    root = trained
+    code = main([
+        "train", "--data", str(root / "synth.tsv"), "--cache-dir", str(root / "cache"), "--preset", "tiny",
+        "--epochs", "3", "--threads", "1", "--no-progress", "--out", str(root / "dlrm"),
+    ])  # fmt: skip
+    assert code == 0
+    lr = json.loads((root / "run" / "metrics.json").read_text())
+    dlrm = json.loads((root / "dlrm" / "metrics.json").read_text())
+    stages = [e["stage"] for e in dlrm["evaluations"]]
+    assert stages == sorted(stages, key=["linear", "all"].index) and set(stages) == {"linear", "all"}
+    linear = [(e["epoch"], e["step"], e["val_auc"]) for e in dlrm["evaluations"] if e["stage"] == "linear"]
+    assert linear == [(e["epoch"], e["step"], e["val_auc"]) for e in lr["evaluations"]]  # exactly, not nearly
+    assert dlrm["best"]["val_auc"] >= lr["best"]["val_auc"]
+    # The second stage starts from the first one's best point: its epochs are numbered on from there.
+    assert [e["epoch"] for e in dlrm["epochs"]] == list(range(1, len(dlrm["epochs"]) + 1))
+
+    model, cfg = load_run(root / "dlrm")
+    assert cfg.model.linear and not cfg.model.first_order
+    lr_model, _ = load_run(root / "run")
+    assert model.dlrm.linear.embedding.memory.numel() == lr_model.dlrm.embedding.memory.numel()
+    mem = dlrm["memory"]  # the per-token weights are per-token memory: counted with the embedding
+    assert mem["embedding_parts"]["linear_weights"] == lr["memory"]["embedding_bytes"]
+    assert mem["embedding_bytes"] == sum(mem["embedding_parts"].values())
+    assert mem["embedding_compression"] == pytest.approx(mem["full_embedding_bytes"] / mem["embedding_bytes"])
+    bundle = export_run(root / "dlrm", root / "artifacts" / "dlrm")  # eager, TorchScript, ONNX Runtime agree
+    assert bundle.manifest["memory"] == mem
+
+
+def test_no_linear_part_is_the_recipe_before_it(trained: Path) -> None:
+    code = main([
+        "train", "--data", str(trained / "synth.tsv"), "--cache-dir", str(trained / "cache"), "--preset", "tiny",
+        "--epochs", "1", "--threads", "1", "--no-progress", "--no-linear-part", "--out", str(trained / "plain"),
+    ])  # fmt: skip
+    assert code == 0
+    _, cfg = load_run(trained / "plain")
+    assert not cfg.model.linear and cfg.model.first_order
+    metrics = json.loads((trained / "plain" / "metrics.json").read_text())
+    assert {e["stage"] for e in metrics["evaluations"]} == {"all"}
+    assert "linear_weights" not in metrics["memory"]["embedding_parts"]

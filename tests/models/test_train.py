@@ -42,14 +42,21 @@ def test_training_learns_and_writes_run_folder(kind: str, synth_file: Path, tmp_
     result = train(_settings(synth_file, tmp_path / "cache", kind), tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m == json.loads(json.dumps(result.metrics))
-    assert [e["epoch"] for e in m["epochs"]] == [1, 2][: len(m["epochs"])]
+    # Two stages of at most 2 epochs each (the linear part first), epochs numbered on across them.
+    assert [e["epoch"] for e in m["epochs"]] == list(range(1, len(m["epochs"]) + 1))
+    stages = [e["stage"] for e in m["epochs"]]
+    assert stages[0] == "linear" and stages[-1] == "all" and all(stages.count(s) <= 2 for s in stages)
     assert m["best"]["val_auc"] > 0.6, m["epochs"]  # the latent structure is learnable
     assert m["data"]["rows"] == 30_000 and m["data"]["skipped"] == 0
     mem = m["memory"]
     assert mem["kind"] == kind
     if kind != "full":
-        # a "4x" config is 4x in the accounting, signature table and seeds included
-        assert mem["full_embedding_bytes"] / mem["embedding_bytes"] == pytest.approx(4.0, rel=1e-3)
+        # a "4x" config is 4x in the accounting, signature table and seeds included; the linear part's
+        # weights (one per training token, and their seeds) come on top, and are counted
+        parts = mem["embedding_parts"]
+        own = mem["embedding_bytes"] - parts["linear_weights"]
+        assert mem["full_embedding_bytes"] / own == pytest.approx(4.0, rel=1e-3)
+        assert parts["linear_weights"] == pytest.approx(mem["full_embedding_bytes"] / 8, rel=1e-2)  # dim 8 -> 1
     for name in ("model.safetensors", "config.json", "metrics.json", "curve.png"):
         assert (tmp_path / "run" / name).is_file()
     model, cfg = load_run(tmp_path / "run")
@@ -87,7 +94,7 @@ def test_auto_batch_size() -> None:
 
 def test_validations_within_epochs_keep_the_best(synth_file: Path, tmp_path: Path) -> None:
     settings = _settings(synth_file, tmp_path / "cache", "hash", epochs=3, batch_size=0, evals_per_epoch=3,
-                         patience=100, lr_schedule="cosine", embedding_l2=1e-4)  # fmt: skip
+                         patience=100, lr_schedule="cosine", embedding_l2=1e-4, linear_part=False)  # fmt: skip
     m = train(settings, tmp_path / "run").metrics
     assert m["batch_size"] == 128  # 24,000 training rows: 188 steps an epoch
     evals = m["evaluations"]
@@ -96,7 +103,7 @@ def test_validations_within_epochs_keep_the_best(synth_file: Path, tmp_path: Pat
     assert [e["val_auc"] for e in m["epochs"]] == [evals[2]["val_auc"], evals[5]["val_auc"], evals[8]["val_auc"]]
     best = max(evals, key=lambda e: e["val_auc"])
     assert m["best"] == {"epoch": best["epoch"], "step": best["step"], "samples": best["samples"],
-                         "val_auc": best["val_auc"]}  # fmt: skip
+                         "val_auc": best["val_auc"], "stage": "all"}  # fmt: skip
     assert evals[0]["lr"] < 0.02 and evals[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine down to 0
     # The saved weights are those of the best validation: scoring again gives its AUC.
     from models.data.cache import lookup
@@ -113,6 +120,11 @@ def test_early_stop_counts_validations(synth_file: Path, tmp_path: Path) -> None
     settings = _settings(synth_file, tmp_path / "cache", "hash", epochs=50, evals_per_epoch=4, patience=2, lr=0.5)
     m = train(settings, tmp_path / "run").metrics
     evals = m["evaluations"]
-    best_index = max(range(len(evals)), key=lambda i: evals[i]["val_auc"])
-    assert len(evals) == best_index + 1 + 2  # stopped after 2 validations without a gain
-    assert len(m["epochs"]) < 50
+    assert {e["stage"] for e in evals} == {"linear", "all"}
+    best = -1.0
+    for stage in ("linear", "all"):  # each stage stops after 2 validations without a gain on the best so far
+        aucs = [e["val_auc"] for e in evals if e["stage"] == stage]
+        gains = [i for i, auc in enumerate(aucs) if auc > max([best, *aucs[:i]])]
+        assert len(aucs) == (gains[-1] if gains else -1) + 1 + 2, (stage, aucs, best)
+        best = max(best, *aucs)
+    assert len(m["epochs"]) < 100
