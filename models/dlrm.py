@@ -77,6 +77,9 @@ class DLRMConfig:
     def from_preset(
         cls, preset: str, num_dense: int, num_fields: int, embedding_dim: int | None = None
     ) -> "DLRMConfig":
+        """A preset's sizes with first-order terms and 0.1x embedding init: a network that needs no
+        per-token table of its own. Training swaps the first-order terms for the linear part
+        (``linear``, built with the run's token count) unless ``--no-linear-part``."""
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         p = PRESETS[preset]
