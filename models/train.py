@@ -495,7 +495,9 @@ def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distri
     since_best, stop = 0, False
     at_best: dict[str, Any] | None = None  # the best point of a stage before the last, where the next one starts
 
-    def validate(stage: str, lr: float) -> None:
+    def validate(stage: str, lr: float, snapshot: nn.Module | None) -> None:
+        """Score the validation rows; on a new best, save the run, and keep ``snapshot``'s state (the module
+        a stage before the last trains: nothing else changes in it) with the optimizer's."""
         nonlocal since_best, stop, at_best
         val = evaluate(model, prepared, val_idx, ctx)
         record = {"stage": stage, "epoch": epoch, "step": step, "samples": seen, "val_auc": val["auc"],
@@ -506,14 +508,15 @@ def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distri
             since_best = 0
             if ctx.main:
                 save_run(run_dir, model, cfg)  # keep the best so far on disk
-            if stage != stages[-1][0]:
-                at_best = {"model": copy.deepcopy(model.state_dict()),
+            if snapshot is not None:
+                at_best = {"module": copy.deepcopy(snapshot.state_dict()),
                            "optimizer": copy.deepcopy(optimizer.state_dict())}  # fmt: skip
         else:
             since_best += 1
             stop = since_best >= settings.patience
 
     for stage, module in stages:
+        snapshot = module if stage != stages[-1][0] else None  # a stage with one after it
         net = module
         if ctx.distributed:
             net = nn.parallel.DistributedDataParallel(
@@ -557,7 +560,7 @@ def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distri
                     )
                 if (i + 1) % eval_every == 0 or i == steps_per_epoch - 1:  # evenly within each epoch, and at its end
                     train_seconds += time.perf_counter() - tick
-                    validate(stage, float(schedule.get_last_lr()[0]))
+                    validate(stage, float(schedule.get_last_lr()[0]), snapshot)
                     tick = time.perf_counter()
                     if stop:
                         break
@@ -582,7 +585,7 @@ def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distri
                 log.info("%s stage: early stop, no val AUC gain in %d validation(s)", stage, settings.patience)
                 break
         if at_best is not None:  # the next stage starts from this one's best point (every rank alike)
-            model.load_state_dict(at_best["model"])
+            module.load_state_dict(at_best["module"])
             optimizer.load_state_dict(at_best["optimizer"])
 
     if not ctx.main:
