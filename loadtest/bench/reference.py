@@ -11,6 +11,11 @@ receives raw values, which is what users send. No batching across requests, no a
 
 Run it: ``LMA_REFERENCE_MODEL=artifacts/demo/1/model.onnx uvicorn --factory
 loadtest.bench.reference:app_from_env --workers 2 --http httptools --loop uvloop --no-access-log``.
+
+The floor (:func:`floor_app`) is the other yardstick: a bare ASGI app on the same uvicorn stack that answers
+every POST with a canned 503 without looking at it. No Python server on uvicorn answers for less, so its CPU
+per answer is what any request costs here before any work is done, and the rate it can answer at all bounds
+what a server of this kind can refuse on this machine (the overload targets at several times the capacity).
 """
 
 from __future__ import annotations
@@ -55,13 +60,46 @@ def app_from_env() -> FastAPI:
     return build_app(Path(os.environ["LMA_REFERENCE_MODEL"]), int(os.environ.get("LMA_REFERENCE_THREADS", "1")))
 
 
-def command(port: int, workers: int) -> list[str]:
-    """The reference server's command line on 127.0.0.1:``port``."""
+def command(port: int, workers: int, factory: str = "app_from_env") -> list[str]:
+    """The reference server's (or, with ``factory="floor_app"``, the floor's) command line on 127.0.0.1:``port``."""
     return [
-        sys.executable, "-m", "uvicorn", "--factory", "loadtest.bench.reference:app_from_env",
+        sys.executable, "-m", "uvicorn", "--factory", f"loadtest.bench.reference:{factory}",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
+
+
+FLOOR_BODY = b'{"error":"overloaded; retry later","kind":"overloaded"}'
+_FLOOR_START = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"retry-after", b"1"), (b"content-length", b"%d" % len(FLOOR_BODY)), (b"content-type", b"application/json"),
+    ],
+}  # fmt: skip
+_FLOOR_ANSWER = {"type": "http.response.body", "body": FLOOR_BODY}
+_READY_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+_READY_ANSWER = {"type": "http.response.body", "body": b"{}"}
+
+
+def floor_app() -> Any:
+    """Factory for uvicorn: the floor, a bare ASGI app that answers every POST with a canned 503 (its body unread)
+    and ``GET /health`` with 200."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["method"] == "POST":
+            await send(_FLOOR_START)
+            await send(_FLOOR_ANSWER)
+        else:
+            await send(_READY_START)
+            await send(_READY_ANSWER)
+
+    return app
 
 
 def reference_body(dense: np.ndarray, keys: np.ndarray) -> bytes:

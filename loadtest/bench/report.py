@@ -104,9 +104,27 @@ def targets(report: BenchReport) -> list[tuple[str, str, str, bool | None]]:
             )  # fmt: skip
     cpu = min(cell(report, project, "single", c, "cpu") for c in concurrency)
     out.append(("server CPU per single-sample request (best cell)", f"{cpu:.0f} µs", "<= 100 µs", cpu <= 100))
+    floor = next((r.server for r in report.runs if r.floor and r.mode == "closed"), None)
+    if floor is not None:
+        cpu = min(cell(report, floor, "single", c, "cpu") for c in concurrency)
+        out.append((f"for scale: {floor}, CPU per answer (best cell)", f"{cpu:.0f} µs", "–", None))
     for r in (r for r in report.runs if r.mode == "open"):
-        _overload_targets(r, out)
+        if r.floor:
+            _floor_open(r, out)
+        else:
+            _overload_targets(r, out)
     return out
+
+
+def _floor_open(r: RunRecord, out: list[tuple[str, str, str, bool | None]]) -> None:
+    """What the floor managed at an open-loop rate: the bound on any refusal there (rows judged on nothing)."""
+    load = r.load
+    capacity = load.get("capacity_per_s") or 0.0
+    where = f"{r.server}, {load['rate'] / capacity:.1f}x" if capacity else r.server
+    out.append(
+        (f"for scale: answered / offered, 503 p99 ({where})",
+         f"{load['requests_per_s'] / load['rate']:.2f}, {load['latency_503_ms']['p99']:.1f} ms", "–", None)
+    )  # fmt: skip
 
 
 def _overload_targets(r: RunRecord, out: list[tuple[str, str, str, bool | None]]) -> None:
@@ -156,8 +174,9 @@ def _closed_table(runs: Sequence[RunRecord]) -> list[str]:
     ]
     for r in runs:
         load, lat = r.load, r.load["latency_ms"]
+        answered = load["requests_per_s"] if r.floor else load["ok_per_s"]  # the floor answers only 503s
         lines.append(
-            f"| {r.server} | {r.round + 1} | {load['concurrency']} | {_fmt(load['ok_per_s'])} "
+            f"| {r.server} | {r.round + 1} | {load['concurrency']} | {_fmt(answered)} "
             f"| {_fmt(load['samples_per_s'])} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p95'], 2)} | {_fmt(lat['p99'], 2)} "
             f"| {_fmt(lat['max'], 1)} | {_status(load)} | {_failures(load)} | {r.server_cpu_percent:.0f}% "
             f"| {_fmt(r.server_cpu_us_per_request)} | {r.rss_max_mb:.0f} |"
@@ -194,8 +213,9 @@ def _open_table(runs: Sequence[RunRecord]) -> list[str]:
         capacity = load.get("capacity_per_s") or 0.0
         factor = f" ({load['rate'] / capacity:.1f}x)" if capacity else ""
         good = f" ({load['goodput_per_s'] / capacity:.2f})" if capacity else ""
+        deadline = "–" if r.deadline_ms is None else f"{r.deadline_ms:g}"
         lines.append(
-            f"| {r.server} | {r.deadline_ms:g} | {_fmt(load['rate'])}{factor} | {_fmt(load['requests_per_s'])} "
+            f"| {r.server} | {deadline} | {_fmt(load['rate'])}{factor} | {_fmt(load['requests_per_s'])} "
             f"| {_fmt(load['goodput_per_s'])}{good} | {_fmt(lat['p50'], 1)} / {_fmt(lat['p99'], 1)} "
             f"| {_fmt(load['latency_503_ms']['p99'], 1)} | {_fmt(load['latency_arrivals_ms']['p99'], 1)} "
             f"| {_status(load)} | {_failures(load)} | {load['waited_for_connection']:,} "
@@ -245,6 +265,9 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
         + "; everything else at its default (DESIGN section 7)",
         "- the reference server (when measured): FastAPI + ONNX Runtime, one model call per request, inline, one "
         "process per core, given hashed keys and transformed dense values (loadtest/bench/reference.py)",
+        "- the floor (with the reference): a bare ASGI app on the same uvicorn stack, one process per core, that "
+        "answers every request with a canned 503 without reading it; no Python server on uvicorn answers for less, "
+        'so its rows ("for scale") show what this machine allows at all, and are judged on nothing',
         f"- each run lasts {report.duration_s:g} s after a warm-up; latency is measured by the client, from the send "
         "(closed loop) or the scheduled send (open loop) to the last byte of the answer",
         "- server CPU is summed over the server's processes (100% = one core); CPU µs/request = server CPU time / "
@@ -256,7 +279,7 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
         "|---|--:|--:|:-:|",
     ]
     for name, measured, bound, met in targets(report):
-        out.append(f"| {name} | {measured} | {bound} | {'yes' if met else 'NO'} |")
+        out.append(f"| {name} | {measured} | {bound} | {'–' if met is None else 'yes' if met else 'NO'} |")
     out += [
         "",
         "## The graph alone (in process)",
@@ -292,7 +315,7 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
             "counts from each arrival's scheduled send time. Every arrival is accounted for: an arrival that finds",
             "all of the generator's connections busy waits for one on the client (still timed from its schedule),",
             "and one the client gives up on counts as a timeout inside 'all arrivals'. Goodput: 200 answers within",
-            "the deadline, per second.",
+            "the deadline, per second. The floor runs at the rates of the project's default configuration.",
             "",
             *_open_table(opened),
         ]
@@ -316,7 +339,7 @@ def plot(report: BenchReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    servers = list(dict.fromkeys(r.server for r in report.runs))
+    servers = list(dict.fromkeys(r.server for r in report.runs if not r.floor))  # the floor has no 200s to plot
     colors = {s: f"C{i}" for i, s in enumerate(servers)}
     for ax, kind, unit in ((axes[0], "single", "requests/s"), (axes[1], "batch", "samples/s")):
         for server in servers:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+FLOOR = "floor: canned 503"  # the floor server's name starts with this (loadtest/bench/reference.py:floor_app)
+
 
 @dataclass
 class RunRecord:
     """One load run and what the server used during it."""
 
-    server: str  # "lma serve (2 workers)", "lma serve (1 worker)", "reference (2 workers)"
+    server: str  # "lma serve (2 workers)", "lma serve (1 worker)", "reference (2 workers)", FLOOR + " (2 workers)"
     workers: int
     kind: str  # "single" or "batch"
     samples_per_request: int
@@ -27,6 +29,10 @@ class RunRecord:
     @property
     def mode(self) -> str:
         return str(self.load["mode"])
+
+    @property
+    def floor(self) -> bool:
+        return self.server.startswith(FLOOR)
 
     @property
     def server_cpu_us_per_sample(self) -> float:

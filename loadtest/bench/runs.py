@@ -20,7 +20,7 @@ from loadtest.bench import reference
 from loadtest.bench.config import DEMO_NAME, RAW_BATCH_SIZES, RAW_THREADS, BenchConfig
 from loadtest.bench.machine import featurize, load_rows, machine_facts, model_facts, raw_throughput
 from loadtest.bench.process import ResourceSampler, ServerProcess, lma_serve_command
-from loadtest.bench.results import BenchReport, RunRecord
+from loadtest.bench.results import FLOOR, BenchReport, RunRecord
 from loadtest.payloads import Rows, build_pools, native_response_problem
 
 Say = Callable[[str], Any]
@@ -124,6 +124,17 @@ def _reference(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
     batch = reference.reference_bodies(dense, keys, cfg.batch_size) or [reference.reference_body(dense, keys)]
     works = _workloads(server.port, reference.PREDICT_PATH, single, batch, cfg.batch_size, reference.response_problem)
     return Target(f"reference ({workers_label(n)})", n, True, server, works)
+
+
+def _floor(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
+    """The floor (:func:`loadtest.bench.reference.floor_app`), one process per core, sent the project's single-sample
+    requests (it reads none of them)."""
+    n = _resolved_workers(0)
+    server = ServerProcess(lambda port: reference.command(port, n, "floor_app"), {}, log, reference.READY_PATH)
+    single = build_pools(rows, batch_size=cfg.batch_size, entities=1).native_single.bodies
+    path = f"/v1/models/{model_facts(bundle)['name']}:predict"
+    work = Workload("single", loadgen.http_requests("127.0.0.1", server.port, path, single), 1, lambda *_: None)
+    return Target(f"{FLOOR} ({workers_label(n)})", n, True, server, {"single": work})
 
 
 def _measure(target: Target, work: Workload, coro: Any, round_: int, deadline_ms: float | None = None) -> RunRecord:
@@ -236,6 +247,7 @@ def _closed_loop(
             targets.append(stack.enter_context(_started(_project(cfg, bundle, rows, 0, log, label, **dict(extra)))))
         if cfg.reference:
             targets.append(stack.enter_context(_started(_reference(cfg, bundle, rows, work_dir / "reference.log"))))
+            targets.append(stack.enter_context(_started(_floor(cfg, bundle, rows, work_dir / "floor.log"))))
         for t in targets:
             t.server.wait_ready()
             _warm_up(cfg, t)
@@ -243,7 +255,7 @@ def _closed_loop(
         for round_ in range(cfg.rounds):
             for kind in ("single", "batch"):
                 for c in cfg.concurrency:
-                    for t in targets:
+                    for t in (t for t in targets if kind in t.works):
                         work = t.works[kind]
                         coro = loadgen.closed_loop(
                             "127.0.0.1", t.server.port, work.requests, concurrency=c, duration_s=cfg.duration_s,
@@ -284,6 +296,25 @@ def _open_loop(
                     record.load["capacity_per_s"] = capacity
                     report.runs.append(record)
                     say(line(record))
+    if cfg.reference:  # what the machine can refuse at all, at the default configuration's rates
+        capacity = report.capacity(project_name(max(workers)))
+        rates = cfg.rates or tuple(round(f * capacity) for f in cfg.rate_fractions)
+        with _started(_floor(cfg, bundle, rows, work_dir / "floor-open.log")) as t:
+            t.server.wait_ready()
+            _warm_up(cfg, t)
+            say(f"open loop: {t.name}, the rates of {project_name(max(workers))}")
+            for k, rate in enumerate(r for r in rates if r > 0):
+                work = t.works["single"]
+                connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
+                coro = loadgen.open_loop(
+                    "127.0.0.1", t.server.port, work.requests, rate=rate, duration_s=cfg.duration_s,
+                    max_connections=connections, samples_per_request=1, seed=k, timeout_s=10.0,
+                )  # fmt: skip
+                record = _measure(t, work, coro, 0)
+                record.load["capacity_per_s"] = capacity
+                record.load["goodput_per_s"] = 0.0
+                report.runs.append(record)
+                say(line(record))
 
 
 def served_deadline_ms(url: str) -> float:

@@ -265,15 +265,21 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     project = "lma serve (1 worker)"
     variant = f"lma serve ({bench_runs.workers_label(report.runs[1].workers)}, wait 5 ms)"
     reference = f"reference ({bench_runs.workers_label(report.runs[2].workers)})"
+    floor = f"{bench_runs.FLOOR} ({bench_runs.workers_label(report.runs[2].workers)})"
     closed = [(r.server, r.kind, r.round) for r in report.runs if r.mode == "closed"]
     assert closed == [
-        (s, kind, round_) for round_ in (0, 1) for kind in ("single", "batch") for s in (project, variant, reference)
-    ]  # the servers take turns, cell by cell, round after round
+        (s, kind, round_)
+        for round_ in (0, 1)
+        for kind in ("single", "batch")
+        for s in (project, variant, reference, *((floor,) if kind == "single" else ()))
+    ]  # the servers take turns, cell by cell, round after round; the floor gets single-sample requests only
     opened = [r for r in report.runs if r.mode == "open"]
-    assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0)]
+    assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0), (floor, None)]
     assert all(r.load["errors"] == {} and r.load["completed"] > 0 for r in report.runs)
     assert all(r.load["goodput_per_s"] <= r.load["ok_per_s"] for r in opened)
-    assert [r.samples_per_request for r in report.runs[:6]] == [1, 1, 1, 4, 4, 4]
+    floor_runs = [r for r in report.runs if r.server == floor]
+    assert floor_runs and all(set(r.load["status"]) == {503} for r in floor_runs)  # it refuses every request
+    assert [r.samples_per_request for r in report.runs[:7]] == [1, 1, 1, 1, 4, 4, 4]
     assert [(r["batch_size"], r["threads"]) for r in report.raw] == [
         (b, t) for t in bench.RAW_THREADS for b in bench.RAW_BATCH_SIZES
     ]
@@ -294,11 +300,15 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     judged = {name for name, *_ in bench.targets(report)}
     assert "single-sample requests/s vs the reference, c=2" in judged
     assert "server CPU per single-sample request (best cell)" in judged
+    assert f"for scale: {floor}, CPU per answer (best cell)" in judged
+    assert {met for name, _, _, met in bench.targets(report) if name.startswith("for scale")} == {None}
+    assert f"| {floor} | – | 40 (" in text  # its open-loop row: no deadline of its own
     assert "lma bench --test" in text and "load average at start" in text
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(lines) == 1 + 1 + 12 + 2 * 2  # model, closed-loop start, 12 closed runs, 2 x (open start + run)
+    # model, closed-loop start, 14 closed runs, 3 x (open start + run)
+    assert len(lines) == 1 + 1 + 14 + 3 * 2
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
