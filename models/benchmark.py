@@ -176,7 +176,8 @@ def bench_train(args: argparse.Namespace) -> str:
     for kind in kinds:
         emb = EmbeddingConfig(kind=kind, embedding_dim=16, compression=1.0 if kind == "full" else args.compression)
         settings = TrainSettings(data=Path(args.data), cache_dir=Path(args.cache_dir), preset=args.preset,
-                                 embedding=emb, batch_size=args.batch_size, progress=False)  # fmt: skip
+                                 embedding=emb, batch_size=args.batch_size, linear_part=args.linear_part,
+                                 progress=False)  # fmt: skip
         cfg, extra = build_run_config(settings, data, train_idx)
         model = build_model(cfg)
         fill_tables(model, cfg, settings, data, train_idx, extra)
@@ -203,7 +204,8 @@ def bench_train(args: argparse.Namespace) -> str:
     lines = [
         f"training step (forward + backward + Adagrad step) on "
         f"{len(batches)} batches of {args.batch_size} rows of {Path(args.data).name}, preset {args.preset}, d = 16, "
-        f"hash/lma at {args.compression:g}x, {args.threads} torch thread(s), {args.rounds} alternating rounds",
+        f"hash/lma at {args.compression:g}x, {'with' if args.linear_part else 'without'} the linear part, "
+        f"{args.threads} torch thread(s), {args.rounds} alternating rounds",
         f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
         "",
         "| kind | samples/s (median) | samples/s per round | vs full |",
@@ -235,7 +237,7 @@ def bench_dp(args: argparse.Namespace) -> str:
                     subprocess.run(cmd, check=True, capture_output=True)
                     m = json.loads((run / "metrics.json").read_text())
                     results.setdefault(label, []).append(m)
-                    _progress(f"round {r + 1} {label}: {m['epochs'][0]['train_samples_per_s']:,.0f} samples/s, "
+                    _progress(f"round {r + 1} {label}: {_stage_rate(m, 'all'):,.0f} samples/s, "
                               f"val AUC {m['best']['val_auc']:.5f}")  # fmt: skip
     load_after = _loadavg()
     lines = [
@@ -243,15 +245,25 @@ def bench_dp(args: argparse.Namespace) -> str:
         f"global batch {args.batch_size}, {args.rounds} alternating rounds; gloo on CPU",
         f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
         "",
-        "| ranks x torch threads | train samples/s (median) | per round | val AUC (median) |",
-        "|---|---:|---|---:|",
+        "| ranks x torch threads | train samples/s (median) | per round | linear stage samples/s (median) "
+        "| val AUC (median) |",
+        "|---|---:|---|---:|---:|",
     ]
     for label, ms in results.items():
-        rates = [m["epochs"][0]["train_samples_per_s"] for m in ms]
+        rates = [_stage_rate(m, "all") for m in ms]
+        linear = [_stage_rate(m, "linear") for m in ms]
         aucs = [m["best"]["val_auc"] for m in ms]
+        linear_cell = f"{statistics.median(linear):,.0f}" if all(x == x for x in linear) else "-"
         lines.append(f"| {label} | {statistics.median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)} |"
-                     f" {statistics.median(aucs):.5f} |")  # fmt: skip
+                     f" {linear_cell} | {statistics.median(aucs):.5f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _stage_rate(metrics: dict[str, Any], stage: str) -> float:
+    """Train samples/s of the first epoch of ``stage`` ("linear": the DLRM's linear part alone, "all": the whole
+    model) in a run's metrics.json; NaN when the run had no such stage (``--no-linear-part``)."""
+    epoch = next((e for e in metrics["epochs"] if e.get("stage", "all") == stage), None)
+    return float("nan") if epoch is None else float(epoch["train_samples_per_s"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="batches per round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--linear-part", action=argparse.BooleanOptionalAction, default=True,
+        help="the DLRMs with the linear part (lma train's default) or with first-order terms instead",
+    )  # fmt: skip
     p.set_defaults(func=bench_train)
     p = sub.add_parser("dp", help="lma train with 1 and N data-parallel processes, alternating rounds")
     p.add_argument("--data", type=Path, required=True)
