@@ -263,7 +263,8 @@ def _stage_rate(metrics: dict[str, Any], stage: str) -> float:
     """Train samples/s of the first epoch of ``stage`` ("linear": the DLRM's linear part alone, "all": the whole
     model) in a run's metrics.json; NaN when the run had no such stage (``--no-linear-part``)."""
     epoch = next((e for e in metrics["epochs"] if e.get("stage", "all") == stage), None)
-    return float("nan") if epoch is None else float(epoch["train_samples_per_s"])
+    rate = None if epoch is None else epoch["train_samples_per_s"]  # None: an epoch of no measurable time
+    return float("nan") if rate is None else float(rate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,11 +173,13 @@ def _closed_table(runs: Sequence[RunRecord]) -> list[str]:
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|--:|--:|--:|",
     ]
     for r in runs:
-        load, lat = r.load, r.load["latency_ms"]
-        answered = load["requests_per_s"] if r.floor else load["ok_per_s"]  # the floor answers only 503s
+        load = r.load
+        lat = load["latency_503_ms"] if r.floor else load["latency_ms"]  # the floor answers only 503s
+        answered = load["requests_per_s"] if r.floor else load["ok_per_s"]
+        samples = "–" if r.floor else _fmt(load["samples_per_s"])
         lines.append(
             f"| {r.server} | {r.round + 1} | {load['concurrency']} | {_fmt(answered)} "
-            f"| {_fmt(load['samples_per_s'])} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p95'], 2)} | {_fmt(lat['p99'], 2)} "
+            f"| {samples} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p95'], 2)} | {_fmt(lat['p99'], 2)} "
             f"| {_fmt(lat['max'], 1)} | {_status(load)} | {_failures(load)} | {r.server_cpu_percent:.0f}% "
             f"| {_fmt(r.server_cpu_us_per_request)} | {r.rss_max_mb:.0f} |"
         )
@@ -213,10 +215,11 @@ def _open_table(runs: Sequence[RunRecord]) -> list[str]:
         capacity = load.get("capacity_per_s") or 0.0
         factor = f" ({load['rate'] / capacity:.1f}x)" if capacity else ""
         good = f" ({load['goodput_per_s'] / capacity:.2f})" if capacity else ""
+        goodput = "–" if r.floor else f"{_fmt(load['goodput_per_s'])}{good}"
         deadline = "–" if r.deadline_ms is None else f"{r.deadline_ms:g}"
         lines.append(
             f"| {r.server} | {deadline} | {_fmt(load['rate'])}{factor} | {_fmt(load['requests_per_s'])} "
-            f"| {_fmt(load['goodput_per_s'])}{good} | {_fmt(lat['p50'], 1)} / {_fmt(lat['p99'], 1)} "
+            f"| {goodput} | {_fmt(lat['p50'], 1)} / {_fmt(lat['p99'], 1)} "
             f"| {_fmt(load['latency_503_ms']['p99'], 1)} | {_fmt(load['latency_arrivals_ms']['p99'], 1)} "
             f"| {_status(load)} | {_failures(load)} | {load['waited_for_connection']:,} "
             f"| {load['send_lag_ms_p99']:.1f} "
@@ -301,7 +304,8 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
             f"## Closed loop: {title} ({runs[0].samples_per_request} per request)",
             "",
             "N connections, each sending its next request as soon as the answer to the last one is in; the servers",
-            "take turns cell by cell (round 1 of every server, then round 2).",
+            "take turns cell by cell (round 1 of every server, then round 2). The floor's latencies are those of its",
+            "503s.",
             "",
             *_closed_table(sorted(runs, key=lambda r: (r.load["concurrency"], r.server, r.round))),
         ]

@@ -296,14 +296,14 @@ def _open_loop(
                     record.load["capacity_per_s"] = capacity
                     report.runs.append(record)
                     say(line(record))
-    if cfg.reference:  # what the machine can refuse at all, at the default configuration's rates
-        capacity = report.capacity(project_name(max(workers)))
-        rates = cfg.rates or tuple(round(f * capacity) for f in cfg.rate_fractions)
+    capacity = report.capacity(project_name(max(workers)))
+    rates = tuple(r for r in cfg.rates or (round(f * capacity) for f in cfg.rate_fractions) if r > 0)
+    if cfg.reference and rates:  # what the machine can refuse at all, at the default configuration's rates
         with _started(_floor(cfg, bundle, rows, work_dir / "floor-open.log")) as t:
             t.server.wait_ready()
             _warm_up(cfg, t)
             say(f"open loop: {t.name}, the rates of {project_name(max(workers))}")
-            for k, rate in enumerate(r for r in rates if r > 0):
+            for k, rate in enumerate(rates):
                 work = t.works["single"]
                 connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
                 coro = loadgen.open_loop(

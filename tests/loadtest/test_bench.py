@@ -302,7 +302,11 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert "server CPU per single-sample request (best cell)" in judged
     assert f"for scale: {floor}, CPU per answer (best cell)" in judged
     assert {met for name, _, _, met in bench.targets(report) if name.startswith("for scale")} == {None}
-    assert f"| {floor} | – | 40 (" in text  # its open-loop row: no deadline of its own
+    floor_rows = [line.split(" | ") for line in text.splitlines() if line.startswith(f"| {floor} | ")]
+    closed_rows = [row for row in floor_rows if row[1:3] == ["1", "2"]]  # round 1, c=2
+    assert len(closed_rows) == 1 and closed_rows[0][4] == "–" and closed_rows[0][5] != "–"  # p50 of its 503s
+    (open_row,) = [row for row in floor_rows if row[1] == "–"]  # no deadline of its own
+    assert open_row[2].startswith("40 (") and open_row[4] == "–"  # and no goodput: it answers no 200
     assert "lma bench --test" in text and "load average at start" in text
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
