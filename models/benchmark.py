@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -253,7 +254,7 @@ def bench_dp(args: argparse.Namespace) -> str:
         rates = [_stage_rate(m, "all") for m in ms]
         linear = [_stage_rate(m, "linear") for m in ms]
         aucs = [m["best"]["val_auc"] for m in ms]
-        linear_cell = f"{statistics.median(linear):,.0f}" if all(x == x for x in linear) else "-"
+        linear_cell = "-" if any(math.isnan(x) for x in linear) else f"{statistics.median(linear):,.0f}"
         lines.append(f"| {label} | {statistics.median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)} |"
                      f" {linear_cell} | {statistics.median(aucs):.5f} |")  # fmt: skip
     return "\n".join(lines)

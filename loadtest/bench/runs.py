@@ -274,8 +274,7 @@ def _open_loop(
         return
     for w in workers:
         capacity = report.capacity(project_name(w))
-        rates = cfg.rates or tuple(round(f * capacity) for f in cfg.rate_fractions)
-        rates = tuple(r for r in rates if r > 0)
+        rates = _open_rates(cfg, capacity)
         for deadline in cfg.deadlines_ms:
             env = {} if deadline is None else {"LMA_REQUEST_TIMEOUT_MS": f"{deadline:g}"}
             log = work_dir / f"server-{w}w-open-{'default' if deadline is None else f'{deadline:g}'}ms.log"
@@ -284,37 +283,43 @@ def _open_loop(
                 deadline_ms = deadline if deadline is not None else served_deadline_ms(t.server.url)
                 _warm_up(cfg, t)
                 say(f"open loop: {t.name}, deadline {deadline_ms:g} ms, capacity {capacity:.0f}/s")
-                for k, rate in enumerate(rates):
-                    work = t.works["single"]
-                    connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
-                    coro = loadgen.open_loop(
-                        "127.0.0.1", t.server.port, work.requests, rate=rate, duration_s=cfg.duration_s,
-                        max_connections=connections, samples_per_request=1, seed=k,
-                        timeout_s=max(1.0, 5 * deadline_ms / 1000),
-                    )  # fmt: skip
-                    record = _measure(t, work, coro, 0, deadline_ms)
-                    record.load["capacity_per_s"] = capacity
-                    report.runs.append(record)
-                    say(line(record))
+                _open_runs(cfg, report, t, rates, capacity, deadline_ms, say)
     capacity = report.capacity(project_name(max(workers)))
-    rates = tuple(r for r in cfg.rates or (round(f * capacity) for f in cfg.rate_fractions) if r > 0)
+    rates = _open_rates(cfg, capacity)
     if cfg.reference and rates:  # what the machine can refuse at all, at the default configuration's rates
         with _started(_floor(cfg, bundle, rows, work_dir / "floor-open.log")) as t:
             t.server.wait_ready()
             _warm_up(cfg, t)
             say(f"open loop: {t.name}, the rates of {project_name(max(workers))}")
-            for k, rate in enumerate(rates):
-                work = t.works["single"]
-                connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
-                coro = loadgen.open_loop(
-                    "127.0.0.1", t.server.port, work.requests, rate=rate, duration_s=cfg.duration_s,
-                    max_connections=connections, samples_per_request=1, seed=k, timeout_s=10.0,
-                )  # fmt: skip
-                record = _measure(t, work, coro, 0)
-                record.load["capacity_per_s"] = capacity
-                record.load["goodput_per_s"] = 0.0
-                report.runs.append(record)
-                say(line(record))
+            _open_runs(cfg, report, t, rates, capacity, None, say)
+
+
+def _open_rates(cfg: BenchConfig, capacity: float) -> tuple[float, ...]:
+    """The open-loop rates: ``--rates``, else ``--rate-fractions`` of ``capacity``; positive ones only."""
+    rates = cfg.rates or tuple(round(f * capacity) for f in cfg.rate_fractions)
+    return tuple(r for r in rates if r > 0)
+
+
+def _open_runs(
+    cfg: BenchConfig, report: BenchReport, t: Target, rates: Sequence[float], capacity: float,
+    deadline_ms: float | None, say: Say,
+) -> None:  # fmt: skip
+    """One open-loop run of single-sample requests per rate on the started target ``t``. ``deadline_ms`` is the
+    server's deadline (None for the floor, which has none: the client waits up to 10 s and counts no goodput)."""
+    work = t.works["single"]
+    timeout_s = 10.0 if deadline_ms is None else max(1.0, 5 * deadline_ms / 1000)
+    for k, rate in enumerate(rates):
+        connections = int(min(cfg.max_connections, max(64, math.ceil(rate))))
+        coro = loadgen.open_loop(
+            "127.0.0.1", t.server.port, work.requests, rate=rate, duration_s=cfg.duration_s,
+            max_connections=connections, samples_per_request=1, seed=k, timeout_s=timeout_s,
+        )  # fmt: skip
+        record = _measure(t, work, coro, 0, deadline_ms)
+        record.load["capacity_per_s"] = capacity
+        if deadline_ms is None:
+            record.load["goodput_per_s"] = 0.0
+        report.runs.append(record)
+        say(line(record))
 
 
 def served_deadline_ms(url: str) -> float:
