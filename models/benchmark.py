@@ -7,8 +7,9 @@
 ``ingest``: the reader of a git revision (``models/data.py`` at ``--old-rev``, loaded from git into a
 temporary module, so the product keeps one reader) against the reader of this tree, in alternating
 rounds (old, new, old, new, ...) over the same file: :func:`iter_chunks` (bytes -> model-ready
-arrays) and :func:`prepare` (the same plus writing the cache). Every round checks that both produce
-identical arrays (SHA-256 of dense, keys and labels) and identical skip counts.
+arrays, consumed chunk by chunk) and :func:`prepare` (the same plus writing the cache). Every round
+checks that both produce identical arrays (SHA-256 of dense, keys and labels) and identical skip
+counts (for ``iter_chunks`` from one more run of each reader, untimed, that keeps its chunks).
 
 ``train``: training samples/s (forward, backward, optimizer step; no evaluation) of each embedding
 kind at one batch size on the same prepared rows, kinds alternating over rounds.
@@ -95,26 +96,35 @@ def bench_ingest(args: argparse.Namespace) -> str:
     old = old_reader(args.old_rev)
     schema = schema_for_format(args.format)
     path = Path(args.data)
-    impls: dict[str, dict[str, Callable[[], Any]]] = {}
 
-    # The timed part returns the arrays; their digest is taken after the clock stops.
-    def chunks(module: Any, **kw: Any) -> Callable[[], Any]:
-        def run() -> Any:
+    # A timed run returns what its digest is taken from after the clock stops. iter_chunks is a stream: the
+    # timed run consumes it chunk by chunk and drops each chunk, as a training loop or the cache writer does
+    # (keeping a file's chunks in a list measures page faults of fresh memory in the consumer, not the
+    # reader), and an untimed run of the same reader keeps them for the digest. prepare's arrays are files.
+    def chunks(module: Any, **kw: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        def consume() -> Any:
+            stats = module.ReadStats()
+            rows = sum(len(c) for c in module.iter_chunks(path, args.format, schema, stats=stats, **kw))
+            return rows, stats
+
+        def keep() -> Any:
             stats = module.ReadStats()
             return list(module.iter_chunks(path, args.format, schema, stats=stats, **kw)), stats
 
-        return run
+        return consume, keep
 
-    def prepared(module: Any, **kw: Any) -> Callable[[], Any]:
+    def prepared(module: Any, **kw: Any) -> tuple[Callable[[], Any], None]:
         def run() -> Any:
             folder = tempfile.mkdtemp(prefix="lma-bench-cache-", dir=args.tmp)
             p = module.prepare(path, args.format, folder, schema, progress=False, **kw)
             return [p], p.stats, folder
 
-        return run
+        return run, None
 
-    impls["iter_chunks"] = {"old": chunks(old), "new": chunks(reader, workers=args.workers)}
-    impls["prepare"] = {"old": prepared(old), "new": prepared(cache, workers=args.workers)}
+    impls: dict[str, dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]]] = {
+        "iter_chunks": {"old": chunks(old), "new": chunks(reader, workers=args.workers)},
+        "prepare": {"old": prepared(old), "new": prepared(cache, workers=args.workers)},
+    }
     load_before = _loadavg()
     results: dict[str, dict[str, list[tuple[float, float]]]] = {op: {"old": [], "new": []} for op in impls}
     rows = 0
@@ -122,7 +132,13 @@ def bench_ingest(args: argparse.Namespace) -> str:
         for op, pair in impls.items():
             outputs = {}
             for name in ("old", "new"):  # alternating: old, new in every round
-                out, wall, cpu = _timed(pair[name])
+                timed, untimed = pair[name]
+                out, wall, cpu = _timed(timed)
+                if untimed is not None:
+                    rows, timed_stats = out
+                    out = untimed()
+                    if _digest(out[0])[0] != rows or out[1].to_dict() != timed_stats.to_dict():
+                        raise AssertionError(f"{op} {name}: the timed and the untimed run differ")
                 rows, digest = _digest(out[0])
                 outputs[name] = (rows, digest, out[1].to_dict())
                 if len(out) > 2:
@@ -138,8 +154,9 @@ def bench_ingest(args: argparse.Namespace) -> str:
     lines = [
         f"{rows:,} rows of {path.name} ({path.stat().st_size:,} bytes, format {args.format}); "
         f"old = models/data.py at {args.old_rev}, new = this tree with {args.workers or 'all'} worker(s); "
-        f"{args.rounds} alternating rounds; outputs identical in every round "
-        "(SHA-256 of dense, keys, labels; skip counts)",
+        f"{args.rounds} alternating rounds; timed `iter_chunks` runs consume the stream chunk by chunk; outputs"
+        " identical in every round (SHA-256 of dense, keys, labels; skip counts; for `iter_chunks` from one more,"
+        " untimed run of each reader that keeps its chunks)",
         f"load average before: {load_before}, after: {load_after}; cores: {os.cpu_count()}",
         "",
         "| step | old rows/s (median) | new rows/s (median) | new / old (median of rounds) | old CPU s | new CPU s |",

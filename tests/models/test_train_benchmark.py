@@ -1,8 +1,14 @@
-"""models.benchmark: the per-stage rates its data-parallel table reports."""
+"""models.benchmark: the per-stage rates its data-parallel table reports; the ingest benchmark end to end."""
 
+import argparse
 import math
+import subprocess
+from pathlib import Path
 
-from models.benchmark import _stage_rate
+import numpy as np
+import pytest
+
+from models.benchmark import _stage_rate, bench_ingest
 
 
 def test_stage_rate_reads_the_first_epoch_of_each_stage() -> None:
@@ -21,3 +27,30 @@ def test_stage_rate_without_a_linear_stage() -> None:
     metrics = {"epochs": [{"epoch": 0, "train_samples_per_s": 45_000.0}]}  # records of before stages, or LR runs
     assert _stage_rate(metrics, "all") == 45_000.0
     assert math.isnan(_stage_rate(metrics, "linear"))
+
+
+def _criteo_rows(n: int) -> str:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        dense = [str(int(v)) if v >= 0 else "" for v in rng.integers(-2, 50, 13)]
+        cats = [f"{int(v):08x}" if v else "" for v in rng.integers(0, 40, 26)]
+        lines.append("\t".join([str(i % 2), *dense, *cats]))
+    lines[7] = "1\t2\t3"  # a wrong field count: skipped, and counted the same by both readers
+    return "\n".join(lines) + "\n"
+
+
+def test_ingest_benchmark_runs_both_readers_and_checks_they_agree(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    have_rev = subprocess.run(["git", "-C", str(root), "cat-file", "-e", "b41178c^{commit}"], capture_output=True)
+    if have_rev.returncode:
+        pytest.skip("the old reader's revision b41178c is not in this clone's history (a shallow clone)")
+    data = tmp_path / "rows.tsv"
+    data.write_text(_criteo_rows(3000))
+    args = argparse.Namespace(data=data, format="criteo", old_rev="b41178c", rounds=1, workers=2, tmp=tmp_path)
+    report = bench_ingest(args)
+    assert report.startswith("2,999 rows of rows.tsv")
+    assert "outputs identical in every round" in report
+    table = [line for line in report.splitlines() if line.startswith("| `")]
+    assert [line.split("|")[1].strip() for line in table] == ["`iter_chunks`", "`prepare`"]
+    assert not list(tmp_path.glob("lma-bench-cache-*"))  # the prepare rounds' caches are removed
