@@ -32,6 +32,12 @@ _MISSING = b"\x01"
 # Cached keys of hot values, all fields together (split evenly): ~120 bytes an entry, so at most ~125 MB.
 # Zipf-distributed values hit it most of the time; a field whose cache fills up starts over empty.
 _CACHE_ENTRIES = 1 << 20
+# PackedKeys: slots of (packed value, key); 8 bytes of 0xFF is not UTF-8, so it is never a value
+_SLOT = np.dtype([("value", "<u8"), ("key", "<i8")])
+_EMPTY = np.uint64(2**64 - 1)
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top slot_bits bits of value * this
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)  # first L bytes
+_ONES, _HIGHS = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -203,6 +209,94 @@ class _FieldHasher:
             cache[None] = cache[""] = self.missing
         cache[value] = k
         return k
+
+
+def pack_values(data: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+    """Values ``data[starts[i] : starts[i] + lengths[i]]`` -> uint64 (n,) packed for :class:`PackedKeys`.
+
+    None when a value is longer than 8 bytes or holds a NUL byte (its packing would not be one-to-one):
+    those take the schema's general path.
+    """
+    if len(lengths) and int(lengths.max()) > 8:
+        return None
+    padded = bytes(data) + bytes(8)
+    # words[j] = the 8 bytes starting at data[j], first byte lowest (an overlapping view, no copy)
+    words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    packed = words[starts] & _LOW_BYTES[lengths]
+    # a zero byte among a value's own bytes: set the bytes past its end, then the classic has-zero-byte test
+    filled = packed | ~_LOW_BYTES[lengths]
+    if np.any((filled - _ONES) & ~filled & _HIGHS):
+        return None
+    return packed
+
+
+class PackedKeys:
+    """Keys of short values packed into ``uint64``, in bulk: a direct-mapped cache of the schema's hash per field.
+
+    A value of at most 8 bytes without a NUL byte packs one-to-one into a ``uint64`` (its UTF-8 bytes,
+    little-endian, zero-padded; ``""``, the missing value, packs as 0). Criteo and Avazu values (hex ids,
+    small numbers) all do, so the readers (:mod:`models.data.keys`) and the server's binary BYTES tensors
+    (:mod:`server.protocols.v2.codec`) hand whole arrays of them here. A table of ``2**slot_bits`` slots
+    per field maps packed value -> key: the keys of a (B, F) array are a multiply-shift, one gather and a
+    compare per value, and only values that miss (new, or evicted by another value of the same slot) go
+    to :meth:`FeatureSchema.field_keys`, once per distinct value. The keys are exactly
+    ``schema.key(f, value)``. Its slot writes are not atomic: one instance per thread.
+    """
+
+    def __init__(self, schema: FeatureSchema, slot_bits: int = 16) -> None:
+        if not 1 <= slot_bits <= 30:
+            raise ValueError(f"slot_bits must be in [1, 30], got {slot_bits}")
+        self.schema = schema
+        table = np.zeros((schema.num_fields, 1 << slot_bits), _SLOT)  # one record per slot: one access a lookup
+        table["value"] = _EMPTY
+        self._table = table
+        self._flat = table.reshape(-1)
+        self._base = np.arange(schema.num_fields, dtype=np.intp) << slot_bits  # first slot of each field
+        self._shift = np.uint64(64 - slot_bits)
+
+    def _slots(self, packed: np.ndarray) -> np.ndarray:
+        return ((packed * _MULTIPLIER) >> self._shift).astype(np.intp)
+
+    def field(self, field_index: int, packed: np.ndarray) -> np.ndarray:
+        """int64 (n,) keys of field ``field_index``'s packed values ``packed`` (uint64 (n,))."""
+        found = self._table[field_index][self._slots(packed)]
+        keys = found["key"]
+        miss = found["value"] != packed
+        if miss.any():
+            keys[miss] = self._fill(field_index, packed[miss])
+        return keys
+
+    def rows(self, packed: np.ndarray) -> np.ndarray:
+        """int64 (B, F) keys of a (B, F) array of packed values, every field in one pass."""
+        found = self._flat[self._slots(packed) + self._base]
+        keys = np.ascontiguousarray(found["key"])
+        miss = found["value"] != packed
+        if miss.any():  # a request's few misses, all fields together: the schema's dict cache has most of them
+            r, f = np.nonzero(miss)
+            values = packed[r, f]
+            key = self.schema.key
+            text = values.view("S8").tolist()  # S8 drops the zero padding
+            new_keys = np.fromiter(
+                (key(j, b.decode("utf-8", "surrogateescape")) for j, b in zip(f.tolist(), text, strict=True)),
+                np.int64,
+                count=len(text),
+            )
+            keys[r, f] = new_keys
+            new = np.empty(len(values), _SLOT)
+            new["value"], new["key"] = values, new_keys
+            self._flat[self._slots(values) + self._base[f]] = new  # a slot two values share keeps one of them
+        return keys
+
+    def _fill(self, field_index: int, packed: np.ndarray) -> np.ndarray:
+        """Keys of the packed values ``packed`` of one field, each distinct value hashed once; stored in their slots."""
+        distinct, inverse = np.unique(packed, return_inverse=True)
+        # S8 drops the zero padding; surrogateescape gives back exactly these bytes when the schema encodes them
+        text = [b.decode("utf-8", "surrogateescape") for b in distinct.view("S8").tolist()]
+        new_keys = self.schema.field_keys(field_index, text)
+        new = np.empty(len(distinct), _SLOT)
+        new["value"], new["key"] = distinct, new_keys
+        self._table[field_index][self._slots(distinct)] = new  # a slot two values share keeps one of them
+        return new_keys[inverse.reshape(-1)]
 
 
 def transform_dense(raw: np.ndarray | Iterable[Iterable[float]]) -> np.ndarray:

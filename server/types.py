@@ -14,6 +14,8 @@ from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
 
+from models.schema import pack_values
+
 R = TypeVar("R", bound="Rows")
 
 
@@ -106,9 +108,37 @@ class Scores(_Columns):
 
 @dataclass(frozen=True, slots=True)
 class Tensor:
-    """One decoded Open Inference Protocol input: numeric data as a flat array, BYTES as a flat list of str."""
+    """One decoded Open Inference Protocol input: numeric data as a flat array; BYTES as a flat list of str (JSON),
+    or as :class:`BytesElements` (the binary extension)."""
 
     name: str
     datatype: str  # "FP32", "INT64", "BYTES", ...
     shape: tuple[int, ...]
-    data: np.ndarray | list[str]
+    data: np.ndarray | list[str] | BytesElements
+
+
+@dataclass(frozen=True, slots=True)
+class BytesElements:
+    """The BYTES elements of a binary input, where they lie in the body: no Python object per element.
+
+    Element i is ``data[starts[i] : starts[i] + lengths[i]]``. :meth:`packed` hands short values to the
+    schema's bulk key cache (:class:`models.schema.PackedKeys`); :meth:`strings` is the general path.
+    """
+
+    data: memoryview
+    starts: np.ndarray  # int64 (n,)
+    lengths: np.ndarray  # int64 (n,)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def packed(self) -> np.ndarray | None:
+        """uint64 (n,) of the packed values (:func:`models.schema.pack_values`), or None when one does not pack."""
+        return pack_values(self.data, self.starts, self.lengths)
+
+    def strings(self) -> list[str]:
+        raw = bytes(self.data)
+        return [
+            raw[s : s + n].decode("utf-8", "surrogateescape")
+            for s, n in zip(self.starts.tolist(), self.lengths.tolist(), strict=True)
+        ]

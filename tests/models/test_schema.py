@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from models.schema import FeatureSchema, avazu_schema, criteo_schema, transform_dense
+from models.schema import FeatureSchema, PackedKeys, avazu_schema, criteo_schema, pack_values, transform_dense
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,44 @@ def test_transform_dense_edge_cases() -> None:
     np.testing.assert_array_equal(out, expected)
     assert out[0, 3] == np.float32(0.6931472)
     assert transform_dense(np.zeros((0, 13))).shape == (0, 13)
+
+
+def _packed(values: list[bytes]) -> np.ndarray:
+    data = b"".join(values)
+    lengths = np.array([len(v) for v in values], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    packed = pack_values(data, starts, lengths)
+    assert packed is not None
+    return packed
+
+
+def test_pack_values_is_one_to_one_or_refuses() -> None:
+    assert _packed([b"", b"a", b"68fd1e64"]).tolist() == [0, 0x61, int.from_bytes(b"68fd1e64", "little")]
+    starts, lengths = np.array([0, 1]), np.array([1, 9])
+    assert pack_values(b"x123456789", starts, lengths) is None  # 9 bytes do not fit
+    assert pack_values(b"a\x00b", np.array([0]), np.array([3])) is None  # "a\0b" would pack like "a" + "b" bytes
+    assert pack_values(b"ab\x00", np.array([0]), np.array([2])) is not None  # a NUL past the value's end is fine
+
+
+@pytest.mark.parametrize("slot_bits", [1, 16])  # one bit: two slots per field, so nearly every value collides
+def test_packed_keys_are_the_schema_keys(slot_bits: int) -> None:
+    schema = criteo_schema(7)
+    rng = np.random.default_rng(0)
+    words = [b"", b"1005", b"68fd1e64", b"caf\xc3\xa9", b"\xff\xfe", *(f"{v:08x}".encode() for v in range(50))]
+    values = [[words[i] for i in rng.integers(0, len(words), schema.num_fields)] for _ in range(40)]
+    expected = [
+        [schema.key(f, v.decode("utf-8", "surrogateescape") or None) for f, v in enumerate(row)] for row in values
+    ]
+    cache = PackedKeys(schema, slot_bits)
+    packed = _packed([v for row in values for v in row]).reshape(40, schema.num_fields)
+    for _ in range(2):  # cold, then warm (or evicted, at one bit)
+        assert cache.rows(packed).tolist() == expected
+        assert [cache.field(f, packed[:, f]).tolist() for f in range(schema.num_fields)] == [
+            [row[f] for row in expected] for f in range(schema.num_fields)
+        ]
+    assert schema.key(3, "\udcff\udcfe") == schema.key(3, b"\xff\xfe")  # surrogateescape: the bytes as sent
+
+
+def test_packed_keys_refuse_a_bad_table_size() -> None:
+    with pytest.raises(ValueError, match=r"slot_bits must be in \[1, 30\], got 0"):
+        PackedKeys(criteo_schema(), 0)

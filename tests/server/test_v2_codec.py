@@ -1,0 +1,103 @@
+"""The binary BYTES elements of Open Inference Protocol v2: found with array work, featurized in bulk, exactly."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.schema import criteo_schema
+from server.errors import InvalidInput
+from server.featurize import Featurizer
+from server.protocols.v2 import codec
+from server.types import Batch, BytesElements, to_batch
+
+
+def serialize(values: list[bytes]) -> bytes:
+    """BYTES elements as tritonclient writes them: a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def body(values: list[bytes], rows: int, binary: bytes | None = None) -> tuple[bytes, str]:
+    cats = serialize(values) if binary is None else binary
+    dense = np.arange(rows * 13, dtype="<f4").tobytes()
+    inputs = [("dense", 13, "FP32", dense), ("categorical", 26, "BYTES", cats)]
+    specs = [
+        {"name": n, "shape": [rows, w], "datatype": t, "parameters": {"binary_data_size": len(d)}}
+        for n, w, t, d in inputs
+    ]
+    head = orjson.dumps({"inputs": specs})
+    return head + dense + cats, str(len(head))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=12), min_size=1, max_size=300))
+def test_element_starts_follow_the_length_prefixes(values: list[bytes]) -> None:
+    raw = serialize(values)
+    located = codec._element_starts(memoryview(raw), len(values))
+    assert located is not None
+    starts, lengths = located
+    assert [raw[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)] == values
+    assert codec._element_starts(memoryview(raw), len(values) + 1) is None  # fewer elements than the count
+    if len(values) > 1:
+        assert codec._element_starts(memoryview(raw), len(values) - 1) is None  # more
+    assert codec._element_starts(memoryview(raw[:-1]), len(values)) is None  # the last one cut short
+    assert codec._element_starts(memoryview(raw + b"\0"), len(values)) is None  # a stray byte
+
+
+def _error(b: bytes, header: str) -> str:
+    with pytest.raises(InvalidInput) as e:
+        codec.decode_infer_request(b, header)
+    return str(e.value)
+
+
+def test_malformed_elements_get_the_element_by_element_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = [f"{i:08x}".encode() for i in range(26 * 8)]  # 208 elements: past BULK_ELEMENTS
+    assert len(values) >= codec.BULK_ELEMENTS
+    good = serialize(values)
+    last = len(good) - 12  # where the last element starts
+    cases = {
+        good[:-10]: f"input 'categorical': truncated BYTES element length at byte {last}",
+        good[:last] + struct.pack("<I", 99) + b"12345678": (
+            f"input 'categorical': BYTES element at byte {last} claims 99 bytes past the end"
+        ),
+    }
+    for raw, message in cases.items():
+        b, h = body(values, 8, raw)
+        assert _error(b, h) == message
+        with monkeypatch.context() as m:
+            m.setattr(codec, "BULK_ELEMENTS", 10**9)  # element by element only: the same message
+            assert _error(b, h) == message
+    b, h = body(values, 8, good[:last])  # whole elements, one too few: the shape check says so
+    request = codec.decode_infer_request(b, h)
+    with pytest.raises(InvalidInput, match=r"input 'categorical': 207 values do not fill shape \[8, 26\]"):
+        Featurizer(criteo_schema()).tensors_rows(request.inputs, 4096)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [None, b"a-value-longer-than-8", b"nul\x00byte", b"\xff\xfe"],
+    ids=["packable", "long value", "NUL byte", "not UTF-8"],
+)
+def test_binary_bytes_keys_equal_the_json_path(odd: bytes | None) -> None:
+    schema = criteo_schema(3)
+    featurizer = Featurizer(schema)
+    rng = np.random.default_rng(1)
+    values = [f"{v:08x}".encode() if v else b"" for v in rng.integers(0, 30, 26 * 10)]  # "" = missing
+    if odd is not None:
+        values[37] = odd
+    b, h = body(values, 10)
+    request = codec.decode_infer_request(b, h)
+    assert isinstance(request.inputs[1].data, BytesElements)
+    rows = featurizer.tensors_rows(request.inputs, 4096)
+    assert isinstance(rows, Batch) == (odd in (None, b"\xff\xfe"))  # keys in bulk where every value packs
+    expected = schema.keys_flat([v.decode("utf-8", "surrogateescape") for v in values], 10)
+    got = to_batch([rows])
+    np.testing.assert_array_equal(got.keys, expected)
+    np.testing.assert_array_equal(got.keys, to_batch([featurizer.tensors_rows(request.inputs, 4096)]).keys)  # warm
+    dense = np.arange(130, dtype=np.float32).reshape(10, 13)
+    np.testing.assert_array_equal(got.dense, np.log1p(dense.astype(np.float64)).astype(np.float32))
