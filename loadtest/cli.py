@@ -31,6 +31,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--variant", action="append", default=[], metavar="LABEL:LMA_X=V[,LMA_Y=W]",
         help="closed loop: also the default configuration with these settings, side by side (repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--v2-binary", action="store_true",
+        help="closed loop: also the default configuration on its v2 route, raw values as binary BYTES tensors",
+    )  # fmt: skip
     p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
     p.add_argument("--rounds", type=int, default=2, help="closed-loop rounds, servers alternating (default 2)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
@@ -89,6 +93,7 @@ def _bench(args: argparse.Namespace) -> int:
         workers=parse_list(args.workers, int, "--workers"),
         reference=args.reference,
         variants=tuple(variants),
+        v2_binary=args.v2_binary,
         runtime=args.runtime,
         rounds=args.rounds,
         duration_s=args.duration,

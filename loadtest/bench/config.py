@@ -38,6 +38,7 @@ class BenchConfig:
     reference: bool = False
     # closed loop only: the default configuration with other settings, side by side ((label, ((LMA_X, value),)))
     variants: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    v2_binary: bool = False  # closed loop: also the default configuration on its v2 route, binary BYTES tensors
     runtime: str = "onnx"
     rounds: int = 2
     duration_s: float = 5.0

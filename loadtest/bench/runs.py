@@ -21,7 +21,7 @@ from loadtest.bench.config import DEMO_NAME, RAW_BATCH_SIZES, RAW_THREADS, Bench
 from loadtest.bench.machine import featurize, load_rows, machine_facts, model_facts, raw_throughput
 from loadtest.bench.process import ResourceSampler, ServerProcess, lma_serve_command
 from loadtest.bench.results import FLOOR, BenchReport, RunRecord
-from loadtest.payloads import Rows, build_pools, native_response_problem
+from loadtest.payloads import Rows, build_pools, native_response_problem, v2_binary_body, v2_response_problem
 
 Say = Callable[[str], Any]
 
@@ -79,6 +79,9 @@ class Target:
     works: dict[str, Workload]
 
 
+V2_BINARY = "v2, binary BYTES"  # the label of the project's v2-route target (--v2-binary)
+
+
 def workers_label(n: int) -> str:
     return f"{n} worker" + ("s" if n != 1 else "")
 
@@ -113,6 +116,29 @@ def _project(
     )  # fmt: skip
     name = project_name(n) if not label else f"lma serve ({workers_label(n)}, {label})"
     return Target(name, n, False, server, works)
+
+
+def _project_v2_binary(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
+    """The default configuration driven on its v2 route with binary tensors (raw values as BYTES), as a stock
+    ``tritonclient`` sends them: the same rows and batch sizes as the native route."""
+    n = _resolved_workers(0)
+    server = ServerProcess(lambda port: lma_serve_command(bundle, port, n, cfg.runtime), cfg.env(), log)
+    path = f"/v2/models/{model_facts(bundle)['name']}/infer"
+
+    def requests(size: int) -> tuple[bytes, ...]:
+        out = []
+        for start in range(0, max(1, len(rows.rows) - size + 1), size):
+            body, head = v2_binary_body(rows.rows[start : start + size])
+            out.append(loadgen.http_request(
+                "127.0.0.1", server.port, path, body, [("Inference-Header-Content-Length", str(head))]
+            ))  # fmt: skip
+        return tuple(out)
+
+    works = {
+        "single": Workload("single", requests(1), 1, v2_response_problem),
+        "batch": Workload("batch", requests(cfg.batch_size), min(cfg.batch_size, len(rows.rows)), v2_response_problem),
+    }
+    return Target(f"lma serve ({workers_label(n)}, {V2_BINARY})", n, False, server, works)
 
 
 def _reference(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
@@ -245,6 +271,10 @@ def _closed_loop(
         for k, (label, extra) in enumerate(cfg.variants):  # the default configuration with other settings
             log = work_dir / f"server-variant-{k}.log"
             targets.append(stack.enter_context(_started(_project(cfg, bundle, rows, 0, log, label, **dict(extra)))))
+        if cfg.v2_binary:
+            targets.append(
+                stack.enter_context(_started(_project_v2_binary(cfg, bundle, rows, work_dir / "server-v2.log")))
+            )
         if cfg.reference:
             targets.append(stack.enter_context(_started(_reference(cfg, bundle, rows, work_dir / "reference.log"))))
             targets.append(stack.enter_context(_started(_floor(cfg, bundle, rows, work_dir / "floor.log"))))

@@ -245,6 +245,7 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
         workers=(1,),
         reference=True,
         variants=(("wait 5 ms", (("LMA_MAX_WAIT_MS", "5"),)),),
+        v2_binary=True,
         rounds=2,
         duration_s=0.3,
         warmup_s=0.0,
@@ -264,14 +265,15 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
 
     project = "lma serve (1 worker)"
     variant = f"lma serve ({bench_runs.workers_label(report.runs[1].workers)}, wait 5 ms)"
-    reference = f"reference ({bench_runs.workers_label(report.runs[2].workers)})"
-    floor = f"{bench_runs.FLOOR} ({bench_runs.workers_label(report.runs[2].workers)})"
+    v2 = f"lma serve ({bench_runs.workers_label(report.runs[2].workers)}, {bench_runs.V2_BINARY})"
+    reference = f"reference ({bench_runs.workers_label(report.runs[3].workers)})"
+    floor = f"{bench_runs.FLOOR} ({bench_runs.workers_label(report.runs[3].workers)})"
     closed = [(r.server, r.kind, r.round) for r in report.runs if r.mode == "closed"]
     assert closed == [
         (s, kind, round_)
         for round_ in (0, 1)
         for kind in ("single", "batch")
-        for s in (project, variant, reference, *((floor,) if kind == "single" else ()))
+        for s in (project, variant, v2, reference, *((floor,) if kind == "single" else ()))
     ]  # the servers take turns, cell by cell, round after round; the floor gets single-sample requests only
     opened = [r for r in report.runs if r.mode == "open"]
     assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0), (floor, None)]
@@ -279,7 +281,7 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert all(r.load["goodput_per_s"] <= r.load["ok_per_s"] for r in opened)
     floor_runs = [r for r in report.runs if r.server == floor]
     assert floor_runs and all(set(r.load["status"]) == {503} for r in floor_runs)  # it refuses every request
-    assert [r.samples_per_request for r in report.runs[:7]] == [1, 1, 1, 1, 4, 4, 4]
+    assert [r.samples_per_request for r in report.runs[:9]] == [1, 1, 1, 1, 1, 4, 4, 4, 4]
     assert [(r["batch_size"], r["threads"]) for r in report.raw] == [
         (b, t) for t in bench.RAW_THREADS for b in bench.RAW_BATCH_SIZES
     ]
@@ -311,8 +313,9 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # model, closed-loop start, 14 closed runs, 3 x (open start + run)
-    assert len(lines) == 1 + 1 + 14 + 3 * 2
+    assert any(line.startswith(f"| {v2} | ") for line in text.splitlines())  # the v2 route, in the tables
+    # model, closed-loop start, 18 closed runs, 3 x (open start + run)
+    assert len(lines) == 1 + 1 + 18 + 3 * 2
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
