@@ -194,6 +194,8 @@ class _FieldHasher:
         return keys  # type: ignore[return-value]
 
     def __call__(self, value: object) -> int:
+        if value is None or value == "":  # not through the cache: another thread may be between clear and refill
+            return self.missing
         cache = self.cache
         k = cache.get(value) if type(value) is not bool and type(value) is not float else None
         if k is not None:
@@ -214,8 +216,9 @@ class _FieldHasher:
 def pack_values(data: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
     """Values ``data[starts[i] : starts[i] + lengths[i]]`` -> uint64 (n,) packed for :class:`PackedKeys`.
 
-    None when a value is longer than 8 bytes or holds a NUL byte (its packing would not be one-to-one):
-    those take the schema's general path.
+    None when a value is longer than 8 bytes or holds a NUL byte (its packing would not be one-to-one), or
+    is eight 0xFF bytes (the cache's empty-slot marker; not UTF-8, but a binary tensor may carry it): those
+    take the schema's general path.
     """
     if len(lengths) and int(lengths.max()) > 8:
         return None
@@ -225,7 +228,7 @@ def pack_values(data: bytes | memoryview, starts: np.ndarray, lengths: np.ndarra
     packed = words[starts] & _LOW_BYTES[lengths]
     # a zero byte among a value's own bytes: set the bytes past its end, then the classic has-zero-byte test
     filled = packed | ~_LOW_BYTES[lengths]
-    if np.any((filled - _ONES) & ~filled & _HIGHS):
+    if np.any((filled - _ONES) & ~filled & _HIGHS) or np.any(packed == _EMPTY):
         return None
     return packed
 

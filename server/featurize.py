@@ -16,8 +16,8 @@ Two payloads reach a model:
 - Open Inference Protocol tensors (``POST /v2/models/{name}/infer``, :mod:`server.protocols.v2`):
   ``dense`` FP32 [B, n_dense] raw values and ``categorical`` [B, n_fields] as BYTES (raw values) or
   INT64 (keys already hashed with the bundle's schema). BYTES sent with the binary extension (what
-  ``tritonclient`` does by default) are featurized in bulk right away when every value packs into 8
-  bytes (:class:`~models.schema.PackedKeys`: array work, no Python object per value).
+  ``tritonclient`` does by default) become :class:`PackedRows` when every value packs into 8 bytes:
+  keyed in bulk by the batcher (:class:`~models.schema.PackedKeys`: array work, no Python object per value).
 
 Validation runs per request, so that every error is an :class:`~server.errors.InvalidInput` naming
 the instance (or tensor) and the field; it checks whole rows with C-level passes (``set(map(type,
@@ -51,8 +51,9 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", flo
 _NUMBER = frozenset((float, int))
 _TOKEN = frozenset((str, int))
 _chain = itertools.chain.from_iterable
-# Hot values of binary BYTES tensors: 2**16 slots per field (26 fields: 27 MB), made by the first such request
-PACKED_SLOT_BITS = 16
+# Hot values of binary BYTES tensors: 2**15 slots per field (26 fields: 13.6 MB) in each thread that keys them
+# (the batcher's runtime thread, and the event loop for short batches), made by the first such request
+PACKED_SLOT_BITS = 15
 
 
 def json_type(v: object) -> str:
@@ -106,6 +107,39 @@ class RawRows:
 
 
 @dataclass(slots=True)
+class PackedRows:
+    """``size`` samples of a binary v2 request whose tokens all pack into 8 bytes, keyed when the batcher runs them.
+
+    Args:
+        featurizer: the model's featurizer.
+        size: B.
+        dense: float32 (B, n_dense) raw values (missing: NaN or 0, as sent).
+        packed: uint64 (B, F) tokens packed by :func:`models.schema.pack_values`.
+    """
+
+    featurizer: Featurizer
+    size: int
+    dense: np.ndarray
+    packed: np.ndarray
+
+    def __len__(self) -> int:
+        return self.size
+
+    def slice(self, start: int, stop: int) -> PackedRows:
+        return PackedRows(self.featurizer, stop - start, self.dense[start:stop], self.packed[start:stop])
+
+    @staticmethod
+    def merge(pieces: Sequence[Rows]) -> Batch:
+        parts: Sequence[PackedRows] = pieces  # type: ignore[assignment]
+        featurizer = parts[0].featurizer
+        if len(parts) == 1 or any(p.featurizer is not featurizer for p in parts):
+            return Batch.concatenate([p.featurizer.packed_batch(p.dense, p.packed) for p in parts])
+        return featurizer.packed_batch(
+            np.concatenate([p.dense for p in parts]), np.concatenate([p.packed for p in parts])
+        )
+
+
+@dataclass(slots=True)
 class Instances:
     """Parsed native instances: their raw rows, plus what the feature store needs."""
 
@@ -140,6 +174,10 @@ class Featurizer:
         if cache is None:
             cache = self._packed.keys = PackedKeys(self.schema, PACKED_SLOT_BITS)
         return cache
+
+    def packed_batch(self, dense: np.ndarray, packed: np.ndarray) -> Batch:
+        """Graph inputs of raw dense values (B, n_dense) and packed tokens (B, F) (:class:`PackedRows`)."""
+        return Batch(transform_dense(dense), self._packed_keys().rows(packed))
 
     def batch(self, dense: list[float], categorical: list[object], size: int) -> Batch:
         """Graph inputs of ``size`` rows of validated raw values (flat, row-major)."""
@@ -316,7 +354,7 @@ class Featurizer:
             if isinstance(data, BytesElements):  # the binary extension: keys in bulk where the values pack
                 packed = data.packed()
                 if packed is not None:
-                    return Batch(transform_dense(raw), self._packed_keys().rows(packed.reshape(rows, self.num_fields)))
+                    return PackedRows(self, rows, raw, packed.reshape(rows, self.num_fields))
                 data = data.strings()
             return RawRows(self, rows, raw.reshape(-1).tolist(), list(data))
         keys = np.ascontiguousarray(cat.data, dtype=np.int64).reshape(rows, self.num_fields)

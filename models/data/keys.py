@@ -48,7 +48,7 @@ def pack(column: pa.ChunkedArray) -> np.ndarray | None:
             packed[lengths == 8] = np.frombuffer(data, "<u8", count=size // 8, offset=int(offsets[0]))
         else:
             values = pack_values(data.to_pybytes() if data is not None else b"", offsets[:-1], lengths)
-            if values is None:  # never for the readers' lines (no NUL byte), but exact either way
+            if values is None:  # a NUL byte, which the readers' lines never hold (lines.clean_block drops them)
                 return None
             packed = values
         # A null was empty text (the readers' only null value), which Arrow stores as zero bytes: it packs as 0.

@@ -90,3 +90,13 @@ def test_packed_keys_are_the_schema_keys(slot_bits: int) -> None:
 def test_packed_keys_refuse_a_bad_table_size() -> None:
     with pytest.raises(ValueError, match=r"slot_bits must be in \[1, 30\], got 0"):
         PackedKeys(criteo_schema(), 0)
+
+
+def test_missing_values_do_not_depend_on_the_cache() -> None:
+    """Another thread may find a field's cache between its clear and its refill: None and "" stay missing."""
+    schema = criteo_schema(1)
+    missing = schema.key(0, None)
+    schema._hashers[0].cache.clear()  # as a full cache does, before it puts the missing values back
+    assert schema.key(0, None) == schema.key(0, "") == missing
+    assert "" not in schema._hashers[0].cache  # nothing was hashed and stored for them meanwhile
+    assert schema.keys_flat([None, ""] + ["x"] * 24, 1)[0, 0] == missing

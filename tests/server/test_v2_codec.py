@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from models.schema import criteo_schema
 from server.errors import InvalidInput
-from server.featurize import Featurizer
+from server.featurize import Featurizer, PackedRows
 from server.protocols.v2 import codec
-from server.types import Batch, BytesElements, to_batch
+from server.types import BytesElements, to_batch
 
 
 def serialize(values: list[bytes]) -> bytes:
@@ -98,10 +98,47 @@ def test_binary_bytes_keys_equal_the_json_path(odd: bytes | None) -> None:
     request = codec.decode_infer_request(b, h)
     assert isinstance(request.inputs[1].data, BytesElements)
     rows = featurizer.tensors_rows(request.inputs, 4096)
-    assert isinstance(rows, Batch) == (odd in (None, b"\xff\xfe"))  # keys in bulk where every value packs
+    assert isinstance(rows, PackedRows) == (odd in (None, b"\xff\xfe"))  # keys in bulk where every value packs
     expected = schema.keys_flat([v.decode("utf-8", "surrogateescape") for v in values], 10)
     got = to_batch([rows])
     np.testing.assert_array_equal(got.keys, expected)
     np.testing.assert_array_equal(got.keys, to_batch([featurizer.tensors_rows(request.inputs, 4096)]).keys)  # warm
     dense = np.arange(130, dtype=np.float32).reshape(10, 13)
     np.testing.assert_array_equal(got.dense, np.log1p(dense.astype(np.float64)).astype(np.float32))
+
+
+def test_eight_ff_bytes_are_no_empty_slot() -> None:
+    """0xFF x 8 is the packed cache's empty-slot marker: such a value takes the general path, with its own key."""
+    schema = criteo_schema(2)
+    values = [b"\xff" * 8 if i % 26 == 0 else b"68fd1e64" for i in range(26 * 4)]
+    b, h = body(values, 4)
+    rows = Featurizer(schema).tensors_rows(codec.decode_infer_request(b, h).inputs, 4096)
+    assert not isinstance(rows, PackedRows)
+    assert to_batch([rows]).keys[0, 0] == schema.key(0, "\udcff" * 8) == schema.key(0, b"\xff" * 8)
+
+
+def test_packed_rows_cut_and_glue_like_any_rows() -> None:
+    schema = criteo_schema(4)
+    featurizer = Featurizer(schema)
+    rng = np.random.default_rng(2)
+    requests = []
+    for n in (3, 5):
+        values = [f"{v:08x}".encode() for v in rng.integers(0, 1000, 26 * n)]
+        rows = featurizer.tensors_rows(codec.decode_infer_request(*body(values, n)).inputs, 4096)
+        assert isinstance(rows, PackedRows) and len(rows) == n
+        requests.append((rows, schema.keys_flat([v.decode() for v in values], n)))
+    alone = [to_batch([r]) for r, _ in requests]
+    for got, (_, expected) in zip(alone, requests, strict=True):
+        np.testing.assert_array_equal(got.keys, expected)
+    glued = to_batch([requests[0][0], requests[1][0].slice(0, 2), requests[1][0].slice(2, 5)])
+    np.testing.assert_array_equal(glued.keys, np.concatenate([a.keys for a in alone]))
+    np.testing.assert_array_equal(glued.dense, np.concatenate([a.dense for a in alone]))
+
+
+def test_a_large_body_takes_the_element_by_element_path() -> None:
+    raw = memoryview(bytes(codec.BULK_MAX_BYTES + 4))  # all zero: that many empty elements
+    assert codec._element_starts(raw, len(raw) // 4) is None
+    small = memoryview(bytes(4 * 1000))
+    starts, lengths = codec._element_starts(small, 1000) or (None, None)  # within the limits: found in bulk
+    assert starts is not None and lengths is not None
+    assert starts.tolist() == list(range(4, 4004, 4)) and not lengths.any()

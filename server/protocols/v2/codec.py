@@ -28,8 +28,11 @@ from server.types import BytesElements, Tensor
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUT_NAME = "probability"
 # From this many BYTES elements on, array work beats a Python step per element (decode + featurize of the demo
-# model's rows, in process: 39 vs 54 us a request for one 26-field sample, 81 vs 77 for two, 655 vs 151 for 32)
-BULK_ELEMENTS = 48
+# model's 26-field rows, in process, two runs: 38-39 vs 54-76 us a request for one row, 57-81 vs 68-77 for two,
+# 73-83 vs 62-77 for three, 593-655 vs 151-209 for 32)
+BULK_ELEMENTS = 64
+BULK_MAX_BYTES = 4 << 20  # ... and up to this many bytes of them (its arrays take ~10 bytes a byte), far above
+# what LMA_MAX_INSTANCES_PER_REQUEST admits for any usual model (1,024 Criteo rows: ~320 KB)
 _NUMERIC: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "INT64": np.dtype("<i8"),
@@ -159,26 +162,27 @@ def _element_starts(raw: memoryview, count: int) -> tuple[np.ndarray, np.ndarray
     element would fit in ``raw`` can be on it (inside text, the 4 bytes read as a length are a huge number), so
     the chain is followed among those candidates, by pointer doubling (``next``, ``next^2``, ``next^4``, ...
     one gather each): log2(count) NumPy passes over about ``count`` entries instead of a Python step per
-    element. None unless ``raw`` holds exactly ``count`` whole elements: the caller then walks it element by
-    element, which names what is wrong.
+    element. None unless ``raw`` holds exactly ``count`` whole elements, or when it is larger than
+    BULK_MAX_BYTES or far more offsets than elements are candidates (long runs of zero bytes): the caller
+    then walks it element by element, which names what is wrong. Memory: about 10 bytes per body byte, then
+    arrays of the candidates' size.
     """
     size = len(raw)
-    if count == 0 or size < 4 * count:
+    if count == 0 or size < 4 * count or size > BULK_MAX_BYTES:
         return None
-    # length(p) for every p with 4 bytes left (an overlapping view, no copy), and where its element would end
+    # length(p) for every p with 4 bytes left (an overlapping view, no copy); its element fits if length(p)
+    # <= size - 4 - p (both uint32: bodies are far below 4 GiB)
     lengths_at = np.ndarray((size - 3,), dtype="<u4", buffer=raw, strides=(1,))
-    nxt = np.arange(4, size + 1, dtype=np.int64)
-    nxt += lengths_at
-    cand = np.flatnonzero(nxt <= size)  # every element start is one (its element fits); few other offsets are
-    if not len(cand) or cand[0] != 0:
-        return None
+    cand = np.flatnonzero(lengths_at <= np.arange(size - 4, -1, -1, dtype=np.uint32))
     k = len(cand)
+    if not k or cand[0] != 0 or k > 4 * count + 64:  # typical data: 1-2 stray offsets an element
+        return None
     end, bad = k, k + 1  # the index of offset `size`, and a sink: an offset that is no candidate
-    index = np.full(size + 1, bad, np.int64)
-    index[cand] = np.arange(k)
+    index = np.full(size + 1, bad, np.int32)  # offset -> its candidate index
+    index[cand] = np.arange(k, dtype=np.int32)
     index[size] = end
     jump = np.empty(k + 2, np.int64)
-    jump[:k] = index[nxt[cand]]
+    jump[:k] = index[cand + 4 + lengths_at[cand]]  # where each candidate's element ends: the next start, or `size`
     jump[end] = jump[bad] = bad  # the end reached before the count is a short read
     pos = np.empty(count + 1, np.int64)
     pos[0], filled = 0, 1
