@@ -142,3 +142,15 @@ def test_a_large_body_takes_the_element_by_element_path() -> None:
     starts, lengths = codec._element_starts(small, 1000) or (None, None)  # within the limits: found in bulk
     assert starts is not None and lengths is not None
     assert starts.tolist() == list(range(4, 4004, 4)) and not lengths.any()
+
+
+def test_json_bytes_data_flat_or_nested() -> None:
+    def data(values: object) -> object:
+        request = {"inputs": [{"name": "categorical", "shape": [2, 2], "datatype": "BYTES", "data": values}]}
+        return codec.decode_infer_request(orjson.dumps(request), None).inputs[0].data
+
+    assert data(["a", "b", "", "d"]) == data([["a", "b"], ["", "d"]]) == data([[["a"], "b"], ["", "d"]])
+    assert data(["a", "b", "", "d"]) == ["a", "b", "", "d"]
+    for bad in (["a", 1, "c", "d"], [["a", None], ["c", "d"]], [["a", "b"], [2, "d"]]):
+        with pytest.raises(InvalidInput, match=r"input 'categorical': BYTES data must be strings, got"):
+            data(bad)
