@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from export.bundle import load_bundle
 from export.exporter import export_run
 from loadtest import bench, loadgen
+from loadtest.bench import report as report_module
 from loadtest.bench import runs as bench_runs
 from loadtest.payloads import build_pools, synthetic_rows
 from models.schema import criteo_schema
@@ -234,6 +235,28 @@ def test_result_statistics() -> None:
 
 
 # --- the report ---
+
+
+def test_a_server_on_one_of_its_processes_is_flagged() -> None:
+    def run(server: str, workers: int, cpu: float, mode: str = "closed") -> bench.RunRecord:
+        load = {"mode": mode, "concurrency": 16, "completed": 100, "ok_per_s": 100.0, "samples_per_s": 3200.0}
+        return bench.RunRecord(server, workers, "batch", 32, load, cpu, 500.0, 100.0, 100.0, 100.0, round=1)
+
+    report = bench.BenchReport("lma bench", "now", 1.0, {}, {}, {}, 1.0, 16, [])
+    report.runs = [
+        run("lma serve (2 workers)", 2, 183.0),
+        run("lma serve (1 worker)", 1, 100.0),  # one process: one core is all it can use
+        run("reference (2 workers)", 2, 99.4),  # two processes on one core's worth: lopsided
+        run("reference (2 workers)", 2, 99.0, mode="open"),  # open loop: not a ratio cell
+        run(f"{bench_runs.FLOOR} (2 workers)", 2, 96.0),  # the floor waits on the generator; judged on nothing
+    ]
+    flagged = [(r.server, r.server_cpu_percent) for r in report_module.lopsided(report)]
+    assert flagged == [("reference (2 workers)", 99.4)]
+    lines = report_module._ratio_table(report)
+    assert lines[-1] == (
+        "\nIn round 2, reference (2 workers) ran the batch cell at c=16 on 99% CPU with 2 processes (most likely one"
+        " of them accepted its connections), so that round's ratios flatter the other servers."
+    )
 
 
 def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
