@@ -345,7 +345,11 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
     if failed:
         out += ["", "First non-200 answer of each run that had one:", ""]
         for run in failed:
-            where = f"c={run.load['concurrency']}" if run.mode == "closed" else f"{run.load['rate']:.0f}/s"
+            if run.mode == "closed":
+                where = f"c={run.load['concurrency']}, round {run.round + 1}"
+            else:
+                deadline = "no deadline" if run.deadline_ms is None else f"deadline {run.deadline_ms:g} ms"
+                where = f"{run.load['rate']:.0f}/s, {deadline}"
             out.append(f"- {run.server}, {run.kind}, {run.mode} {where}: `{run.error_sample}`")
     if plot_name:
         out += ["", f"![latency vs throughput]({plot_name})"]

@@ -332,6 +332,9 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert len(closed_rows) == 1 and closed_rows[0][4] == "–" and closed_rows[0][5] != "–"  # p50 of its 503s
     (open_row,) = [row for row in floor_rows if row[1] == "–"]  # no deadline of its own
     assert open_row[2].startswith("40 (") and open_row[4] == "–"  # and no goodput: it answers no 200
+    failures = [line for line in text.splitlines() if line.startswith(f"- {floor}, single, ")]
+    assert failures and len(set(failures)) == len(failures)  # each run once: its round, or its rate and deadline
+    assert f"- {floor}, single, closed c=2, round 2: `" in text
     assert "lma bench --test" in text and "load average at start" in text
     assert f"{bench.KEEP_START}\nhand-written analysis\n{bench.KEEP_END}" in text and "old tail" not in text
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
