@@ -252,7 +252,6 @@ class PackedKeys:
         self.schema = schema
         table = np.zeros((schema.num_fields, 1 << slot_bits), _SLOT)  # one record per slot: one access a lookup
         table["value"] = _EMPTY
-        self._table = table
         self._flat = table.reshape(-1)
         self._base = np.arange(schema.num_fields, dtype=np.intp) << slot_bits  # first slot of each field
         self._shift = np.uint64(64 - slot_bits)
@@ -261,45 +260,50 @@ class PackedKeys:
         return ((packed * _MULTIPLIER) >> self._shift).astype(np.intp)
 
     def field(self, field_index: int, packed: np.ndarray) -> np.ndarray:
-        """int64 (n,) keys of field ``field_index``'s packed values ``packed`` (uint64 (n,))."""
-        found = self._table[field_index][self._slots(packed)]
+        """int64 (n,) keys of field ``field_index``'s packed values ``packed`` (uint64 (n,)).
+
+        A reader's block has many misses: each distinct value is hashed once (``field_keys`` of the uniques).
+        """
+        slots = self._slots(packed) + self._base[field_index]
+        found = self._flat[slots]
         keys = found["key"]
         miss = found["value"] != packed
         if miss.any():
-            keys[miss] = self._fill(field_index, packed[miss])
+            distinct, first, inverse = np.unique(packed[miss], return_index=True, return_inverse=True)
+            new_keys = self.schema.field_keys(field_index, _texts(distinct))
+            keys[miss] = new_keys[inverse.reshape(-1)]
+            self._store(slots[miss][first], distinct, new_keys)
         return keys
 
     def rows(self, packed: np.ndarray) -> np.ndarray:
-        """int64 (B, F) keys of a (B, F) array of packed values, every field in one pass."""
-        found = self._flat[self._slots(packed) + self._base]
+        """int64 (B, F) keys of a (B, F) array of packed values, every field in one pass.
+
+        A request has few misses, all fields together: no sort; the schema's dict cache has most of them.
+        """
+        slots = self._slots(packed) + self._base
+        found = self._flat[slots]
         keys = np.ascontiguousarray(found["key"])
         miss = found["value"] != packed
-        if miss.any():  # a request's few misses, all fields together: the schema's dict cache has most of them
+        if miss.any():
             r, f = np.nonzero(miss)
             values = packed[r, f]
             key = self.schema.key
-            text = values.view("S8").tolist()  # S8 drops the zero padding
-            new_keys = np.fromiter(
-                (key(j, b.decode("utf-8", "surrogateescape")) for j, b in zip(f.tolist(), text, strict=True)),
-                np.int64,
-                count=len(text),
-            )
+            text = _texts(values)
+            new_keys = np.fromiter((key(j, t) for j, t in zip(f.tolist(), text, strict=True)), np.int64, len(text))
             keys[r, f] = new_keys
-            new = np.empty(len(values), _SLOT)
-            new["value"], new["key"] = values, new_keys
-            self._flat[self._slots(values) + self._base[f]] = new  # a slot two values share keeps one of them
+            self._store(slots[r, f], values, new_keys)
         return keys
 
-    def _fill(self, field_index: int, packed: np.ndarray) -> np.ndarray:
-        """Keys of the packed values ``packed`` of one field, each distinct value hashed once; stored in their slots."""
-        distinct, inverse = np.unique(packed, return_inverse=True)
-        # S8 drops the zero padding; surrogateescape gives back exactly these bytes when the schema encodes them
-        text = [b.decode("utf-8", "surrogateescape") for b in distinct.view("S8").tolist()]
-        new_keys = self.schema.field_keys(field_index, text)
-        new = np.empty(len(distinct), _SLOT)
-        new["value"], new["key"] = distinct, new_keys
-        self._table[field_index][self._slots(distinct)] = new  # a slot two values share keeps one of them
-        return new_keys[inverse.reshape(-1)]
+    def _store(self, slots: np.ndarray, values: np.ndarray, keys: np.ndarray) -> None:
+        new = np.empty(len(values), _SLOT)
+        new["value"], new["key"] = values, keys
+        self._flat[slots] = new  # a slot two values share keeps one of them
+
+
+def _texts(packed: np.ndarray) -> list[str]:
+    """Packed values -> their text (S8 drops the zero padding; surrogateescape gives back exactly these bytes
+    when the schema encodes them)."""
+    return [b.decode("utf-8", "surrogateescape") for b in packed.view("S8").tolist()]
 
 
 def transform_dense(raw: np.ndarray | Iterable[Iterable[float]]) -> np.ndarray:
