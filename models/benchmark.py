@@ -134,12 +134,12 @@ def bench_ingest(args: argparse.Namespace) -> str:
             for name in ("old", "new"):  # alternating: old, new in every round
                 timed, untimed = pair[name]
                 out, wall, cpu = _timed(timed)
+                timed_out = out
                 if untimed is not None:
-                    rows, timed_stats = out
                     out = untimed()
-                    if _digest(out[0])[0] != rows or out[1].to_dict() != timed_stats.to_dict():
-                        raise AssertionError(f"{op} {name}: the timed and the untimed run differ")
                 rows, digest = _digest(out[0])
+                if untimed is not None and (rows, out[1].to_dict()) != (timed_out[0], timed_out[1].to_dict()):
+                    raise AssertionError(f"{op} {name}: the timed and the untimed run differ")
                 outputs[name] = (rows, digest, out[1].to_dict())
                 if len(out) > 2:
                     shutil.rmtree(out[2], ignore_errors=True)

@@ -2,13 +2,16 @@
 
 import argparse
 import math
-import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
-from models.benchmark import _stage_rate, bench_ingest
+from models import benchmark
+from models.benchmark import _stage_rate
+from models.data import cache, reader
 
 
 def test_stage_rate_reads_the_first_epoch_of_each_stage() -> None:
@@ -40,17 +43,40 @@ def _criteo_rows(n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_ingest_benchmark_runs_both_readers_and_checks_they_agree(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[2]
-    have_rev = subprocess.run(["git", "-C", str(root), "cat-file", "-e", "b41178c^{commit}"], capture_output=True)
-    if have_rev.returncode:
-        pytest.skip("the old reader's revision b41178c is not in this clone's history (a shallow clone)")
+def _as_old_reader(iter_chunks: Any) -> SimpleNamespace:
+    """This tree's reader in the shape of the old one (``models/data.py``: ReadStats, iter_chunks, prepare), so the
+    harness is tested without the old revision in git history (a shallow clone has none)."""
+    return SimpleNamespace(ReadStats=reader.ReadStats, iter_chunks=iter_chunks, prepare=cache.prepare)
+
+
+def _ingest_args(tmp_path: Path) -> argparse.Namespace:
     data = tmp_path / "rows.tsv"
     data.write_text(_criteo_rows(3000))
-    args = argparse.Namespace(data=data, format="criteo", old_rev="b41178c", rounds=1, workers=2, tmp=tmp_path)
-    report = bench_ingest(args)
+    return argparse.Namespace(data=data, format="criteo", old_rev="b41178c", rounds=1, workers=2, tmp=tmp_path)
+
+
+def test_ingest_benchmark_runs_both_readers_and_checks_they_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchmark, "old_reader", lambda rev: _as_old_reader(reader.iter_chunks))
+    report = benchmark.bench_ingest(_ingest_args(tmp_path))
     assert report.startswith("2,999 rows of rows.tsv")
     assert "outputs identical in every round" in report
     table = [line for line in report.splitlines() if line.startswith("| `")]
     assert [line.split("|")[1].strip() for line in table] == ["`iter_chunks`", "`prepare`"]
     assert not list(tmp_path.glob("lma-bench-cache-*"))  # the prepare rounds' caches are removed
+
+
+def test_ingest_benchmark_fails_when_the_readers_differ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def one_row_short(*args: Any, **kw: Any) -> Any:
+        for chunk in reader.iter_chunks(*args, **kw):
+            yield reader.Chunk(chunk.dense[1:], chunk.keys[1:], chunk.labels[1:])
+
+    monkeypatch.setattr(benchmark, "old_reader", lambda rev: _as_old_reader(one_row_short))
+    with pytest.raises(AssertionError, match="iter_chunks: old and new readers differ"):
+        benchmark.bench_ingest(_ingest_args(tmp_path))
+
+
+def test_old_reader_names_a_revision_it_cannot_read() -> None:
+    with pytest.raises(ValueError, match=r"cannot read models/data\.py at git revision .0000000000."):
+        benchmark.old_reader("0000000000")
