@@ -121,8 +121,7 @@ def _project(
 def _project_v2_binary(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
     """The default configuration driven on its v2 route with binary tensors (raw values as BYTES), as a stock
     ``tritonclient`` sends them: the same rows and batch sizes as the native route."""
-    n = _resolved_workers(0)
-    server = ServerProcess(lambda port: lma_serve_command(bundle, port, n, cfg.runtime), cfg.env(), log)
+    target = _project(cfg, bundle, rows, 0, log, V2_BINARY)
     path = f"/v2/models/{model_facts(bundle)['name']}/infer"
 
     def requests(size: int) -> tuple[bytes, ...]:
@@ -130,15 +129,15 @@ def _project_v2_binary(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) ->
         for start in range(0, max(1, len(rows.rows) - size + 1), size):
             body, head = v2_binary_body(rows.rows[start : start + size])
             out.append(loadgen.http_request(
-                "127.0.0.1", server.port, path, body, [("Inference-Header-Content-Length", str(head))]
+                "127.0.0.1", target.server.port, path, body, [("Inference-Header-Content-Length", str(head))]
             ))  # fmt: skip
         return tuple(out)
 
-    works = {
+    target.works = {
         "single": Workload("single", requests(1), 1, v2_response_problem),
         "batch": Workload("batch", requests(cfg.batch_size), min(cfg.batch_size, len(rows.rows)), v2_response_problem),
     }
-    return Target(f"lma serve ({workers_label(n)}, {V2_BINARY})", n, False, server, works)
+    return target
 
 
 def _reference(cfg: BenchConfig, bundle: Path, rows: Rows, log: Path) -> Target:
