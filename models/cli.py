@@ -99,7 +99,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.distributed import DistributedError
+    from models.distributed import DistributedError, env_ranks, leave
     from models.train import TrainSettings, train
 
     try:
@@ -109,6 +109,8 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     if result is not None:  # under torchrun, rank 0 reports
         print(json.dumps(result.summary(), indent=2))
+    if env_ranks()[1] > 1:  # a torchrun rank: see leave() for why it does not finalize
+        leave(0)
     return 0
 
 

@@ -161,3 +161,23 @@ def test_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE")
     assert distributed.env_ranks() == (0, 1, 0, 1)
     assert os.environ.get("WORLD_SIZE") is None
+
+
+def test_leave_flushes_logs_and_output_and_skips_finalization(tmp_path: Path) -> None:
+    # A rank ends through leave(): what it logged and printed arrives, and nothing runs at interpreter exit
+    # (where gloo's worker threads would be ended mid-call and abort the process).
+    marker = tmp_path / "finalized"
+    script = (
+        "import atexit, logging, sys\n"
+        "from models import distributed\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+        "logging.getLogger('rank').info('logged before leaving')\n"
+        "sys.stdout.write('printed, unflushed')\n"
+        "distributed.leave(7)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "printed, unflushed"
+    assert "logged before leaving" in proc.stderr
+    assert not marker.exists()
