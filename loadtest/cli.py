@@ -42,9 +42,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--concurrency", default="16,64", help="closed-loop connection counts (default 16,64)")
     p.add_argument("--batch", type=int, default=32, help="samples per batched request (default 32)")
     p.add_argument("--rates", default="", help="open-loop rates in requests/s (default: --rate-fractions)")
-    p.add_argument(
-        "--rate-fractions", default="0.8,2,5", help="open-loop rates as multiples of the closed-loop capacity"
-    )
+    p.add_argument("--rate-fractions", default="0.8,2,5", help="open-loop rates as multiples of the open-loop capacity")
     p.add_argument(
         "--deadlines", default="default,100", help="LMA_REQUEST_TIMEOUT_MS of the open-loop runs, ms or 'default'"
     )

@@ -12,9 +12,10 @@ What one run measures, in this order (each part is a module of this package):
    one model call per request, hashed keys, one process per core: :mod:`~loadtest.bench.reference`), all
    started at once, then single-sample and ``--batch``-sample requests at each ``--concurrency``, the servers
    taking turns cell by cell for ``--rounds`` rounds;
-3. open loop: Poisson arrivals at ``--rate-fractions`` of each configuration's closed-loop capacity, at each
-   of ``--deadlines`` (LMA_REQUEST_TIMEOUT_MS), on a fresh server: goodput, the latency of the accepted and
-   the refused, every arrival accounted for.
+3. open loop: each configuration's open-loop capacity (the highest Poisson rate at which 99% of the arrivals
+   get a 200 in time, by bisection below its closed-loop capacity), then Poisson arrivals at
+   ``--rate-fractions`` of it, at each of ``--deadlines`` (LMA_REQUEST_TIMEOUT_MS), on a fresh server:
+   goodput, the latency of the accepted and the refused, every arrival accounted for.
 
 Server processes are started and measured through :mod:`~loadtest.bench.process` (CPU time and resident
 memory of the whole process tree). The report (:mod:`~loadtest.bench.report`) records the command, the
@@ -25,6 +26,7 @@ issues, and carries over the text between ``<!-- keep -->`` and ``<!-- /keep -->
 from loadtest.bench.config import (
     BASE_SERVER_ENV,
     DEMO_NAME,
+    OPEN_PROBES,
     RAW_BATCH_SIZES,
     RAW_THREADS,
     BenchConfig,
@@ -37,8 +39,8 @@ from loadtest.bench.results import BenchReport, RunRecord
 from loadtest.bench.runs import build_demo_model, run_bench
 
 __all__ = [
-    "BASE_SERVER_ENV", "DEMO_NAME", "KEEP_END", "KEEP_START", "RAW_BATCH_SIZES", "RAW_THREADS", "BenchConfig",
-    "BenchReport", "ResourceSampler", "RunRecord", "ServerProcess", "build_demo_model", "dump_json", "free_port",
-    "lma_serve_command", "parse_deadlines", "parse_list", "render_markdown", "run_bench",
+    "BASE_SERVER_ENV", "DEMO_NAME", "KEEP_END", "KEEP_START", "OPEN_PROBES", "RAW_BATCH_SIZES", "RAW_THREADS",
+    "BenchConfig", "BenchReport", "ResourceSampler", "RunRecord", "ServerProcess", "build_demo_model", "dump_json",
+    "free_port", "lma_serve_command", "parse_deadlines", "parse_list", "render_markdown", "run_bench",
     "targets", "write_report",
 ]  # fmt: skip

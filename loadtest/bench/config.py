@@ -15,6 +15,10 @@ RAW_THREADS = (1, 2)
 # What every run sets unless --server-env overrides it: no per-request log line (its cost is measured
 # separately with --access-log), no repository polling.
 BASE_SERVER_ENV = {"LMA_ACCESS_LOG": "false", "LMA_WATCH_INTERVAL_S": "0"}
+# The open-loop capacity (runs._open_capacity): bisection probes, their length, the share of arrivals answered in time
+OPEN_PROBES = 5
+OPEN_PROBE_S = 2.0
+SUSTAINED = 0.99
 OVERLOAD_DEADLINE_MS = 100.0  # the ad-server caller's budget the overload runs are also measured at
 
 
@@ -27,7 +31,8 @@ class BenchConfig:
         workers: the worker counts of the project's server configurations (0: its default, one per core).
         reference: also measure the reference server (:mod:`loadtest.bench.reference`) side by side.
         rounds: closed-loop rounds; every cell is measured once per round, configurations alternating.
-        rate_fractions: open-loop rates as fractions of each configuration's closed-loop capacity.
+        rate_fractions: open-loop rates as fractions of each configuration's open-loop capacity (the highest
+            Poisson rate it sustains, found before its open-loop runs).
         deadlines_ms: the LMA_REQUEST_TIMEOUT_MS of the open-loop runs (None: the server's default).
     """
 

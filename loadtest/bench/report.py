@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench.config import OPEN_PROBE_S, OPEN_PROBES, SUSTAINED
 from loadtest.bench.results import BenchReport, RunRecord
 
 KEEP_START, KEEP_END = "<!-- keep -->", "<!-- /keep -->"
@@ -220,6 +221,15 @@ def lopsided(report: BenchReport) -> list[RunRecord]:
     ]  # fmt: skip
 
 
+def _capacity_lines(report: BenchReport) -> list[str]:
+    lines = ["| configuration | closed-loop capacity /s | open-loop capacity /s | open / closed |", "|---|--:|--:|--:|"]
+    for name, capacity in report.open_capacity.items():
+        closed = report.capacity(name)
+        ratio = f"{capacity / closed:.2f}" if closed else "–"
+        lines.append(f"| {name} | {_fmt(closed)} | {_fmt(capacity)} | {ratio} |")
+    return lines
+
+
 def _open_table(runs: Sequence[RunRecord]) -> list[str]:
     lines = [
         "| server | deadline ms | offered /s (x capacity) | answered /s | goodput /s (of capacity) "
@@ -333,11 +343,16 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
             "",
             "## Open loop: Poisson arrivals at multiples of the capacity (single-sample requests)",
             "",
-            "Rates are multiples of the best closed-loop single-sample throughput of the same configuration. Latency",
+            "Rates are multiples of each configuration's open-loop capacity: the highest Poisson rate at which",
+            f"at least {SUSTAINED:.0%} of the arrivals got a 200 within the deadline of its first server below",
+            f"(bisection, {OPEN_PROBES} probes of up to {OPEN_PROBE_S:g} s below the best closed-loop single-sample",
+            "throughput). Latency",
             "counts from each arrival's scheduled send time. Every arrival is accounted for: an arrival that finds",
             "all of the generator's connections busy waits for one on the client (still timed from its schedule),",
             "and one the client gives up on counts as a timeout inside 'all arrivals'. Goodput: 200 answers within",
             "the deadline, per second. The floor runs at the rates of the project's default configuration.",
+            "",
+            *_capacity_lines(report),
             "",
             *_open_table(opened),
         ]

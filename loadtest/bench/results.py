@@ -52,6 +52,8 @@ class BenchReport:
     raw: list[dict[str, Any]]  # in-process graph throughput per batch size and thread count
     runs: list[RunRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # open-loop capacity of each project configuration: the highest Poisson rate it sustains (runs._open_capacity)
+    open_capacity: dict[str, float] = field(default_factory=dict)
 
     def closed(self, server: str, kind: str, concurrency: int | None = None) -> list[RunRecord]:
         return [
@@ -61,7 +63,7 @@ class BenchReport:
         ]  # fmt: skip
 
     def capacity(self, server: str) -> float:
-        """The best closed-loop single-sample requests/s of ``server`` (what open-loop rates are fractions of)."""
+        """The best closed-loop single-sample requests/s of ``server`` (the open-loop capacity is sought below it)."""
         return max((r.load["ok_per_s"] for r in self.closed(server, "single")), default=0.0)
 
     def ceiling(self, batch_size: int, threads: int = 1) -> dict[str, Any] | None:

@@ -302,6 +302,13 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0), (floor, None)]
     assert all(r.load["errors"] == {} and r.load["completed"] > 0 for r in report.runs)
     assert all(r.load["goodput_per_s"] <= r.load["ok_per_s"] for r in opened)
+    # Open-loop rates are multiples of the rate the project sustains in the open loop, sought below its
+    # closed-loop capacity; the floor runs at the project's rates.
+    assert list(report.open_capacity) == [project]
+    assert 0 < report.open_capacity[project] < report.capacity(project)
+    assert {r.load["capacity_per_s"] for r in opened} == {report.open_capacity[project]}
+    (probed,) = [line for line in lines if line.startswith(f"open-loop capacity of {project}: ")]
+    assert probed.count("/s ") == 1 + bench.OPEN_PROBES  # the capacity, then each probe's rate and share
     floor_runs = [r for r in report.runs if r.server == floor]
     assert floor_runs and all(set(r.load["status"]) == {503} for r in floor_runs)  # it refuses every request
     assert [r.samples_per_request for r in report.runs[:9]] == [1, 1, 1, 1, 1, 4, 4, 4, 4]
@@ -340,8 +347,10 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith(f"| {v2} | ") for line in text.splitlines())  # the v2 route, in the tables
-    # model, closed-loop start, 18 closed runs, 3 x (open start + run)
-    assert len(lines) == 1 + 1 + 18 + 3 * 2
+    capacity_rows = [line for line in text.splitlines() if line.startswith(f"| {project} | ") and line.count("|") == 5]
+    assert len(capacity_rows) == 1  # closed, open, open / closed
+    # model, closed-loop start, 18 closed runs, the open-loop capacity, 3 x (open start + run)
+    assert len(lines) == 1 + 1 + 18 + 1 + 3 * 2
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
