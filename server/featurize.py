@@ -20,8 +20,11 @@ Two payloads reach a model:
   keyed in bulk by the batcher (:class:`~models.schema.PackedKeys`: array work, no Python object per value).
 
 Validation runs per request, so that every error is an :class:`~server.errors.InvalidInput` naming
-the instance (or tensor) and the field; it checks whole rows with C-level passes (``set(map(type,
-row))``) and only walks a row value by value to name a bad one. What it yields is :class:`RawRows`:
+the instance (or tensor) and the field. Instances in the canonical form (exactly ``dense`` and
+``categorical``, each a full list) are checked for the whole request at once, with C-level passes
+over all of its instances and then all of its values (``set(map(type, values))``); any other request,
+and any that fails that check, is checked instance by instance, and a row is only walked value by
+value to name a bad one. What it yields is :class:`RawRows`:
 the raw values, flat and row-major. Turning them into numbers waits for the batcher, which glues the
 raw rows of every request of a runtime call and featurizes them in one pass (:meth:`RawRows.merge`:
 one ``np.array`` + :func:`~models.schema.transform_dense` for the dense values, one
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,12 +49,13 @@ from server.errors import EntityNotFound, InvalidInput, PayloadTooLarge
 from server.protocols.native.schemas import INSTANCE_FIELDS, INSTANCE_KEYS, MISSING_ENTITY_POLICIES
 from server.types import Batch, BytesElements, Rows, Tensor
 
-NAN = math.nan
 TENSOR_NAMES = ("dense", "categorical")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
 _NUMBER = frozenset((float, int))
 _TOKEN = frozenset((str, int))
+_DICTS, _LISTS = {dict}, {list}
 _chain = itertools.chain.from_iterable
+_dense_of, _categorical_of = operator.itemgetter("dense"), operator.itemgetter("categorical")
 # Hot values of binary BYTES tensors: 2**15 slots per field (26 fields: 13.6 MB) in each thread that keys them
 # (the batcher's runtime thread, and the event loop for short batches), made by the first such request
 PACKED_SLOT_BITS = 15
@@ -74,7 +79,7 @@ class RawRows:
     Args:
         featurizer: the model's featurizer (its schema turns the values into graph inputs).
         size: B.
-        dense: B x n_dense raw numbers, NaN = missing.
+        dense: B x n_dense raw numbers, None or NaN = missing (``np.array`` makes None NaN).
         categorical: B x F raw tokens (str or int), None = missing.
     """
 
@@ -163,9 +168,9 @@ class Featurizer:
         self.dense_index = {n: j for j, n in enumerate(schema.dense_names)}
         self.categorical_index = {n: j for j, n in enumerate(schema.categorical_names)}
         self._packed = threading.local()
-        self._dense_kind = _Kind("dense", "feature", schema.dense_names, _NUMBER, NAN, "a number or null")
+        self._dense_kind = _Kind("dense", "feature", schema.dense_names, _NUMBER, "a number or null")
         self._categorical_kind = _Kind(
-            "categorical", "field", schema.categorical_names, _TOKEN, None, "a string, an integer or null"
+            "categorical", "field", schema.categorical_names, _TOKEN, "a string, an integer or null"
         )
 
     def _packed_keys(self) -> PackedKeys:
@@ -190,7 +195,10 @@ class Featurizer:
         if type(instances) is not list:
             raise InvalidInput(f"instances: expected an array of objects, got {json_type(instances)}")
         check_count(len(instances), max_instances, "instances")
-        dense: list[float] = []
+        rows = self._canonical(instances)
+        if rows is not None:
+            return Instances(rows, None)
+        dense: list[float | None] = []
         categorical: list[object] = []
         entities: list[str | None] | None = None
         defaults_ok: set[int] | None = None
@@ -222,8 +230,32 @@ class Featurizer:
                         defaults_ok.add(i)
         return Instances(RawRows(self, len(instances), dense, categorical), entities, defaults_ok)
 
-    def _dense(self, i: int, values: object, out: list[float]) -> None:
-        """Append one instance's raw dense values in schema order (missing: NaN) to ``out``."""
+    def _canonical(self, instances: list[Any]) -> RawRows | None:
+        """The rows of ``instances`` when every one is ``{"dense": [...], "categorical": [...]}`` with full, valid
+        lists: one C-level pass over the instances per check, then one over all their values of each kind.
+
+        None when any instance is in another form or holds a bad value: the instance-by-instance check
+        then accepts it or names what is wrong, so the messages do not depend on this shortcut.
+        """
+        if set(map(type, instances)) != _DICTS or set(map(len, instances)) != {2}:
+            return None
+        try:
+            dense_rows, categorical_rows = list(map(_dense_of, instances)), list(map(_categorical_of, instances))
+        except KeyError:
+            return None
+        if set(map(type, dense_rows)) != _LISTS or set(map(type, categorical_rows)) != _LISTS:
+            return None
+        if set(map(len, dense_rows)) != {self.num_dense} or set(map(len, categorical_rows)) != {self.num_fields}:
+            return None
+        dense, categorical = list(_chain(dense_rows)), list(_chain(categorical_rows))
+        if not set(map(type, dense)) <= self._dense_kind.accepted_or_null:
+            return None
+        if not set(map(type, categorical)) <= self._categorical_kind.accepted_or_null:
+            return None
+        return RawRows(self, len(instances), dense, categorical)
+
+    def _dense(self, i: int, values: object, out: list[float | None]) -> None:
+        """Append one instance's raw dense values in schema order (missing: None) to ``out``."""
         self._values(i, values, out, self._dense_kind)
 
     def _categorical(self, i: int, values: object, out: list[object]) -> None:
@@ -237,13 +269,9 @@ class Featurizer:
         elif type(values) is list:
             if len(values) != k.size:
                 raise InvalidInput(f"instances[{i}].{k.key}: expected {k.size} values {k.shown}, got {len(values)}")
-            types = set(map(type, values))  # one C-level pass; the loop below only runs to name a bad value
-            if types <= k.accepted:
-                out += values
-                return
-            if not types <= k.accepted_or_null:
+            if not set(map(type, values)) <= k.accepted_or_null:  # one C-level pass; the loop only names a bad value
                 self._bad_value(i, k.key, values, k.accepted_or_null, k.names, k.expected)
-            out += values if k.missing is None else [k.missing if v is None else v for v in values]
+            out += values
         elif type(values) is dict:
             row = list(k.missing_row)
             index = k.index
@@ -290,7 +318,8 @@ class Featurizer:
                 j = self.dense_index.get(name)
                 if j is not None:
                     k = i * nd + j
-                    if math.isnan(rows.dense[k]) and v is not None and v != "":
+                    sent = rows.dense[k]
+                    if (sent is None or math.isnan(sent)) and v is not None and v != "":
                         rows.dense[k] = self._stored_number(i, parsed, name, v)
                     continue
                 j = self.categorical_index.get(name)
@@ -379,12 +408,10 @@ class Featurizer:
 class _Kind:
     """How one kind of feature (dense or categorical) of a schema is checked and what stands for missing."""
 
-    __slots__ = ("accepted", "accepted_or_null", "expected", "index", "key", "missing", "missing_row", "names",
-                 "shown", "size", "what")  # fmt: skip
+    __slots__ = ("accepted", "accepted_or_null", "expected", "index", "key", "missing_row", "names", "shown",
+                 "size", "what")  # fmt: skip
 
-    def __init__(
-        self, key: str, what: str, names: tuple[str, ...], accepted: frozenset[type], missing: object, expected: str
-    ) -> None:
+    def __init__(self, key: str, what: str, names: tuple[str, ...], accepted: frozenset[type], expected: str) -> None:
         self.key = key  # the instance key: "dense" or "categorical"
         self.what = what  # "feature" or "field", in messages
         self.names = names
@@ -392,7 +419,6 @@ class _Kind:
         self.index = {n: j for j, n in enumerate(names)}
         self.accepted = accepted  # exact types (bool is not int here)
         self.accepted_or_null = accepted | {type(None)}
-        self.missing = missing  # what a null becomes (None: stays None)
-        self.missing_row = [missing] * len(names)
+        self.missing_row = [None] * len(names)  # missing values stay None (dense: NaN once in an array)
         self.expected = expected
         self.shown = f"({names[0]}..{names[-1]})" if len(names) > 2 else str(list(names))
