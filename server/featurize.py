@@ -40,7 +40,7 @@ import operator
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class RawRows:
 
     featurizer: Featurizer
     size: int
-    dense: list[float]
+    dense: list[float | None]
     categorical: list[object]
 
     def __len__(self) -> int:
@@ -184,7 +184,7 @@ class Featurizer:
         """Graph inputs of raw dense values (B, n_dense) and packed tokens (B, F) (:class:`PackedRows`)."""
         return Batch(transform_dense(dense), self._packed_keys().rows(packed))
 
-    def batch(self, dense: list[float], categorical: list[object], size: int) -> Batch:
+    def batch(self, dense: list[float | None], categorical: list[object], size: int) -> Batch:
         """Graph inputs of ``size`` rows of validated raw values (flat, row-major)."""
         raw = np.array(dense, dtype=np.float64).reshape(size, self.num_dense)
         return Batch(transform_dense(raw), self.schema.keys_flat(categorical, size))
@@ -385,7 +385,7 @@ class Featurizer:
                 if packed is not None:
                     return PackedRows(self, rows, raw, packed.reshape(rows, self.num_fields))
                 data = data.strings()
-            return RawRows(self, rows, raw.reshape(-1).tolist(), list(data))
+            return RawRows(self, rows, cast("list[float | None]", raw.reshape(-1).tolist()), list(data))
         keys = np.ascontiguousarray(cat.data, dtype=np.int64).reshape(rows, self.num_fields)
         bad = np.flatnonzero((keys < 0) | (keys > KEY_MASK))
         if bad.size:

@@ -344,28 +344,43 @@ def _open_capacity(cfg: BenchConfig, t: Target, closed: float, deadline_ms: floa
     work = t.works["single"]
     duration_s = min(cfg.duration_s, OPEN_PROBE_S)
     timeout_s = max(1.0, 5 * deadline_ms / 1000)
-    lo, hi, probes = 0.0, closed, []
-    for k in range(OPEN_PROBES):
-        rate = (lo + hi) / 2
-        if rate < 1:
-            break
+    probes: list[str] = []
+
+    def sustains(rate: float) -> bool:
         result = loadgen.run(
             loadgen.open_loop(
                 "127.0.0.1", t.server.port, work.requests, rate=rate, duration_s=duration_s,
                 max_connections=int(min(cfg.max_connections, max(64, math.ceil(rate)))), samples_per_request=1,
-                seed=100 + k, timeout_s=timeout_s,
+                seed=100 + len(probes), timeout_s=timeout_s,
             )
         )  # fmt: skip
         good = result.goodput_per_s(deadline_ms / 1000) * result.duration_s
-        sustained = good >= SUSTAINED * result.scheduled
         probes.append(f"{rate:.0f}/s {good / max(result.scheduled, 1):.1%}")
-        lo, hi = (rate, hi) if sustained else (lo, rate)
-    capacity = lo or hi
+        return good >= SUSTAINED * result.scheduled
+
+    capacity, found = bisect_capacity(sustains, closed, OPEN_PROBES)
+    share = f"{capacity / closed:.2f} of" if closed > 0 else "no 200s in"
     say(
-        f"open-loop capacity of {t.name}: {capacity:.0f}/s ({capacity / closed:.2f} of the closed loop's"
-        f" {closed:.0f}/s; share answered 200 in time: {', '.join(probes)})"
+        f"open-loop capacity of {t.name}: {capacity:.0f}/s ({share} the closed loop's {closed:.0f}/s"
+        f"{'' if found else '; no probe sustained, so this is the lowest rate probed'};"
+        f" share answered 200 in time: {', '.join(probes) or 'no probe: nothing to probe below 1/s'})"
     )
     return capacity
+
+
+def bisect_capacity(sustains: Callable[[float], bool], closed: float, probes: int) -> tuple[float, bool]:
+    """The highest rate in (0, ``closed``) that ``sustains`` (a probe), found with up to ``probes`` probes by
+    bisection, and whether any probe sustained. When none did, the lowest rate probed (the bench still needs a
+    basis for its rates); 0 when there is nothing to probe (``closed`` under 2/s)."""
+    lo, hi = 0.0, closed
+    for _ in range(probes):
+        rate = (lo + hi) / 2
+        if rate < 1:
+            break
+        lo, hi = (rate, hi) if sustains(rate) else (lo, rate)
+    if lo > 0:
+        return lo, True
+    return (hi if hi < closed else 0.0), False
 
 
 def _open_rates(cfg: BenchConfig, capacity: float) -> tuple[float, ...]:

@@ -259,6 +259,29 @@ def test_a_server_on_one_of_its_processes_is_flagged() -> None:
     )
 
 
+def test_open_loop_capacity_is_bisected_below_the_closed_loop() -> None:
+    probed: list[float] = []
+
+    def up_to(limit: float):  # a server that sustains every rate up to limit
+        def sustains(rate: float) -> bool:
+            probed.append(rate)
+            return rate <= limit
+
+        return sustains
+
+    assert bench_runs.bisect_capacity(up_to(700), 1000, 5) == (687.5, True)
+    assert probed == [500, 750, 625, 687.5, 718.75]
+    probed.clear()
+    # nothing sustained: the lowest rate probed, flagged as not sustained
+    assert bench_runs.bisect_capacity(up_to(0), 1000, 3) == (125, False) and probed == [500, 250, 125]
+    # no 200s in the closed loop (capacity 0), or too little to probe: no probe, no rate
+    probed.clear()
+    assert bench_runs.bisect_capacity(up_to(10), 0, 5) == (0.0, False) and probed == []
+    assert bench_runs.bisect_capacity(up_to(10), 1.5, 5) == (0.0, False) and probed == []
+    # bisection stops below 1/s
+    assert bench_runs.bisect_capacity(up_to(0), 4, 9) == (1.0, False) and probed == [2, 1]
+
+
 def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "docs" / "BENCH.md"
     out.parent.mkdir()
