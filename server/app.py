@@ -2,9 +2,9 @@
 
 Start-up (in order): feature store, model registry (load, verify and warm up every model of
 ``LMA_MODEL_DIR``, start their batchers), model-update source (folder watcher; with Redis, the
-update channel). Shutdown runs in reverse after the HTTP server has stopped accepting and has
-answered every request in flight: stop updates, finish every queued request, release runtimes,
-close the store. Nothing happens at import time.
+update channel), then the garbage collector tuned for serving (:mod:`server.heap`). Shutdown runs in
+reverse after the HTTP server has stopped accepting and has answered every request in flight: stop
+updates, finish every queued request, release runtimes, close the store. Nothing happens at import time.
 
 Run it with ``lma serve PATH`` or ``uvicorn --factory server.app:app_from_env`` (settings from
 ``LMA_*`` environment variables).
@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Message, Receive, Scope, Send
 
-from server import logs, schemas
+from server import heap, logs, schemas
 from server.engine import Engine
 from server.errors import HttpError, ServingError
 from server.features import open_feature_store
@@ -193,6 +193,7 @@ def build_app(settings: Settings) -> LmaApp:
         metrics.set_device_memory_source(engine.device_memory)
         flusher = asyncio.get_running_loop().create_task(metrics.flush_forever(), name="lma-metrics-flush")
         updates = await _start_model_updates(settings, registry)
+        heap.tune(settings.gc_threshold)  # after start-up's allocations: see server/heap.py
         log.info(
             "ready",
             extra={"fields": {"models": [f"{m['name']}:{m['version']}" for m in engine.models()],
@@ -215,6 +216,7 @@ def build_app(settings: Settings) -> LmaApp:
                 multiprocess.mark_process_dead(os.getpid())
             log.info("stopped")
             recorder.close()
+            heap.restore()
 
     app = LmaApp(
         title="LMA CTR server",

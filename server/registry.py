@@ -39,6 +39,7 @@ from export.bundle import (
     resolve_bundle,
 )
 from export.signing import TrustedKeys
+from server import heap
 from server.batcher import Batcher
 from server.errors import InvalidInput, ModelNotFound
 from server.featurize import Featurizer
@@ -257,6 +258,7 @@ class ModelRegistry:
             log.error("model %s version %s still busy after %.0fs; closing it", old.name, old.version, timeout)
         await old.batcher.close(timeout)
         await asyncio.to_thread(old.runtime.close)
+        heap.settle()  # what of it sits in reference cycles was frozen at start-up: collect it now
         log.info("released model %s version %s", old.name, old.version)
 
     def _record(self, result: SwapResult, reason: str, level: int) -> None:

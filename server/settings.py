@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes (unset: disabled)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(True, description="one JSON log line per request")
+    gc_threshold: int = Field(
+        10_000, ge=0, description="allocations between collections of the youngest generation (server/heap.py; 0: off)"
+    )
 
     @field_validator("runtime", "device", "log_level", mode="before")
     @classmethod
