@@ -202,21 +202,23 @@ def build_app(settings: Settings) -> LmaApp:
         try:
             yield
         finally:
-            log.info("shutting down: finishing queued requests")
-            if updates is not None:
-                updates.cancel()
-                await asyncio.gather(updates, return_exceptions=True)
-            await engine.close()
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            metrics.pending.flush()
-            if multiprocess_dir() is not None:
-                from prometheus_client import multiprocess
+            try:
+                log.info("shutting down: finishing queued requests")
+                if updates is not None:
+                    updates.cancel()
+                    await asyncio.gather(updates, return_exceptions=True)
+                await engine.close()
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
+                metrics.pending.flush()
+                if multiprocess_dir() is not None:
+                    from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(os.getpid())
-            log.info("stopped")
-            recorder.close()
-            heap.restore()
+                    multiprocess.mark_process_dead(os.getpid())
+                log.info("stopped")
+                recorder.close()
+            finally:
+                heap.restore()  # even when shutting down failed: an embedding process gets its collector back
 
     app = LmaApp(
         title="LMA CTR server",

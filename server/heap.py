@@ -10,9 +10,9 @@ framework. Measured on one worker (``docs/BENCHMARKS.md``, "Garbage collection")
 - :func:`tune` (once the models are loaded): collect, then :func:`gc.freeze` every object left, so later
   collections skip them, and collect the youngest generation every ``threshold`` net allocations
   (``LMA_GC_THRESHOLD``; 0 turns the collector off).
-- :func:`settle` (after a model version is released): frozen objects are never collected, so a retired
-  version's objects in reference cycles would stay forever; unfreeze, collect, freeze again. One full
-  collection per model update.
+- :func:`settle` (once a retired model version is released and its retirement task has finished, so that
+  nothing holds it): frozen objects are never collected, so a retired version's objects in reference cycles
+  would stay forever; unfreeze, collect, freeze again. One full collection per model update.
 - :func:`restore` (at shutdown): the collector as it was, for a process that embeds the app.
 
 Nothing on the request path depends on the collector: its objects are freed by reference counting, and
@@ -23,22 +23,28 @@ from __future__ import annotations
 
 import gc
 
-_saved: tuple[tuple[int, int, int], bool] | None = None  # the collector's settings before tune()
+_saved: tuple[tuple[int, int, int], bool] | None = None  # the collector's settings before the first tune()
+_users = 0  # apps of this process between tune() and restore() (tests and embedders may run several)
 
 
 def tune(threshold: int) -> None:
-    global _saved
+    """Freeze what is alive and set the threshold (the last app to start sets it for the process)."""
+    global _saved, _users
     if _saved is None:
         _saved = gc.get_threshold(), gc.isenabled()
+    _users += 1
     settle()
     if threshold == 0:
         gc.disable()
     else:
         _, older, oldest = _saved[0]
         gc.set_threshold(threshold, older, oldest)
+        gc.enable()
 
 
 def settle() -> None:
+    """Unfreeze, collect, freeze again (a full collection). Run it where what should go is no longer referenced:
+    objects alive then are frozen again, and only a later settle collects those of them that end up in cycles."""
     if _saved is None:  # not tuned: nothing frozen
         return
     gc.unfreeze()
@@ -47,8 +53,12 @@ def settle() -> None:
 
 
 def restore() -> None:
-    global _saved
+    """The collector as it was before the first tune(), once the last app that tuned it has stopped."""
+    global _saved, _users
     if _saved is None:
+        return
+    _users -= 1
+    if _users > 0:
         return
     threshold, enabled = _saved
     _saved = None
@@ -56,3 +66,5 @@ def restore() -> None:
     gc.set_threshold(*threshold)
     if enabled:
         gc.enable()
+    else:
+        gc.disable()

@@ -216,6 +216,9 @@ class ModelRegistry:
                 )
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+                # once the task is done its frame no longer holds the old version: collect what of it sits in
+                # reference cycles (frozen at start-up, server/heap.py), whether it closed cleanly or not
+                task.add_done_callback(lambda _: heap.settle())
             self.metrics.set_model(
                 name, new.version, new.runtime.name, new.runtime.device, new.embedding, new.bundle.memory
             )
@@ -258,7 +261,6 @@ class ModelRegistry:
             log.error("model %s version %s still busy after %.0fs; closing it", old.name, old.version, timeout)
         await old.batcher.close(timeout)
         await asyncio.to_thread(old.runtime.close)
-        heap.settle()  # what of it sits in reference cycles was frozen at start-up: collect it now
         log.info("released model %s version %s", old.name, old.version)
 
     def _record(self, result: SwapResult, reason: str, level: int) -> None:

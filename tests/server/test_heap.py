@@ -44,6 +44,17 @@ def test_tune_freezes_what_is_alive_and_restore_puts_the_collector_back() -> Non
     assert gc.get_freeze_count() == 0
 
 
+def test_two_apps_in_one_process_restore_the_collector_when_the_last_stops() -> None:
+    default = gc.get_threshold()
+    heap.tune(0)
+    heap.tune(5_000)  # the last to start sets it
+    assert gc.isenabled() and gc.get_threshold()[0] == 5_000
+    heap.restore()
+    assert gc.get_threshold()[0] == 5_000 and gc.get_freeze_count() > 0  # the other app still serves
+    heap.restore()
+    assert gc.get_threshold() == default and gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_settle_collects_cycles_that_were_frozen_alive() -> None:
     obj = _Cycle()
     alive = weakref.ref(obj)
@@ -62,11 +73,18 @@ def test_the_server_tunes_the_collector_and_a_model_update_collects_what_it_froz
     repo = make_repo(tmp_path / "repo", bundles.criteo_v1)
     obj = _Cycle()
     alive = weakref.ref(obj)
-    with TestClient(build_app(settings_for(repo, gc_threshold=5_000))) as client:
+    app = build_app(settings_for(repo, gc_threshold=5_000))
+    with TestClient(app) as client:
         assert gc.get_threshold()[0] == 5_000 and gc.get_freeze_count() > 0
         del obj  # garbage now, but frozen with everything else start-up left alive
+        # and version 1 itself in a cycle: its batcher (frozen) and an object made now
+        batcher = app.state.engine.registry.get("criteo").batcher
+        batcher.test_cycle = _Cycle()
+        batcher.test_cycle.owner = batcher
+        retired = weakref.ref(batcher)
+        del batcher
         gc.collect()
-        assert alive() is not None
+        assert alive() is not None and retired() is not None
         r = client.post(
             "/v1/models/criteo:reload",
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
@@ -74,7 +92,7 @@ def test_the_server_tunes_the_collector_and_a_model_update_collects_what_it_froz
         )
         assert r.status_code == 200 and r.json()["version"] == "2", r.text
         deadline = time.monotonic() + 30
-        while alive() is not None and time.monotonic() < deadline:  # version 1 is released in the background
+        while retired() is not None and time.monotonic() < deadline:  # version 1 is released in the background
             time.sleep(0.05)
-        assert alive() is None
+        assert alive() is None and retired() is None
     assert gc.get_threshold() == default and gc.get_freeze_count() == 0
