@@ -4,7 +4,7 @@ A request makes containers by the hundred (its parsed JSON: a list and two per i
 lists), and the requests in flight together keep thousands of them alive. At Python's default threshold
 (a collection of the youngest generation every 700 net allocations of tracked objects) the collector ran
 every few requests, and each full collection walked every object start-up made: models, runtimes, the web
-framework. Measured on one worker (``docs/BENCHMARKS.md``, "Garbage collection"): p99 fell from 28-31 ms to
+framework. Measured on one worker (``docs/BENCHMARKS.md``, "the garbage collector"): p99 fell from 28-31 ms to
 7-11 ms, and server CPU per request by 4-11%, once those objects were frozen and the threshold raised.
 
 - :func:`tune` (once the models are loaded): collect, then :func:`gc.freeze` every object left, so later
