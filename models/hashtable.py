@@ -235,9 +235,10 @@ class StaticHashTable(nn.Module):
     def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:  # noqa: UP006
         """(value, found, extra) of ``keys`` (B, F): the stored value or -1 (B, F), whether it was found (B, F),
         and the E extra hashes, each (1, B, F) in [0, 2**31 - 1)."""
-        h = inthash.key_hashes(keys, self.hash_a, self.hash_b, self.hash_c) & self.hash_masks  # (2 + E, B, F)
-        if self.num_buckets == 0:
+        h = inthash.key_hashes(keys, self.hash_a, self.hash_b, self.hash_c)  # (2 + E, B, F)
+        if self.num_buckets == 0:  # extra hashes only, which keep every bit: no mask (one graph node fewer)
             return torch.full_like(keys, -1), torch.zeros_like(keys, dtype=torch.bool), h.split(1, 0)
+        h = h & self.hash_masks  # the two bucket hashes cut to the table's size
         parts = h.split([2] + [1] * self.num_extra, 0) if self.num_extra else [h]  # buckets, then each extra hash
         rows = self.rows[parts[0]]  # (2, B, F, 2S): both candidate buckets, keys then values
         stored_keys, stored_values = rows.split(self.slots, -1)  # (2, B, F, S) each
