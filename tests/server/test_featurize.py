@@ -23,12 +23,13 @@ canonical_like = st.fixed_dictionaries({"dense": rows, "categorical": rows}) | s
     {"categorical": rows, "dense": rows}
 )
 # mostly the right lengths, so that most examples reach the value checks
-right_lengths = st.fixed_dictionaries(
-    {"dense": st.lists(values, min_size=2, max_size=2), "categorical": st.lists(values, min_size=3, max_size=3)}
-)
+full_lists = {
+    "dense": st.lists(values, min_size=2, max_size=2),
+    "categorical": st.lists(values, min_size=3, max_size=3),
+}
+right_lengths = st.fixed_dictionaries(full_lists)
 with_entity = st.fixed_dictionaries(
-    {"dense": st.lists(values, min_size=2, max_size=2), "categorical": st.lists(values, min_size=3, max_size=3)},
-    optional={"entity": st.sampled_from(["u", ""]), "missing_entity": st.sampled_from(["defaults", "x"])},
+    full_lists, optional={"entity": st.sampled_from(["u", ""]), "missing_entity": st.sampled_from(["defaults", "x"])}
 )
 instance = right_lengths | canonical_like | with_entity | st.fixed_dictionaries({"dense": rows}) | st.just({})
 
