@@ -15,10 +15,13 @@ RAW_THREADS = (1, 2)
 # What every run sets unless --server-env overrides it: no per-request log line (its cost is measured
 # separately with --access-log), no repository polling.
 BASE_SERVER_ENV = {"LMA_ACCESS_LOG": "false", "LMA_WATCH_INTERVAL_S": "0"}
-# The open-loop capacity (runs._open_capacity): bisection probes, their length, the share of arrivals answered in time
+# The open-loop capacity (runs._open_capacity): bisection probes, their length, the share of arrivals answered in
+# time; then runs as long as the open-loop runs confirm it, each CONFIRM_STEP below the last one that failed
 OPEN_PROBES = 5
 OPEN_PROBE_S = 2.0
 SUSTAINED = 0.99
+CONFIRM_TRIES = 3
+CONFIRM_STEP = 0.9
 OVERLOAD_DEADLINE_MS = 100.0  # the ad-server caller's budget the overload runs are also measured at
 
 

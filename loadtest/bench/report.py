@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench.config import OPEN_PROBE_S, OPEN_PROBES, SUSTAINED
+from loadtest.bench.config import CONFIRM_STEP, CONFIRM_TRIES, OPEN_PROBE_S, OPEN_PROBES, SUSTAINED
 from loadtest.bench.results import BenchReport, RunRecord
 
 KEEP_START, KEEP_END = "<!-- keep -->", "<!-- /keep -->"
@@ -222,11 +222,18 @@ def lopsided(report: BenchReport) -> list[RunRecord]:
 
 
 def _capacity_lines(report: BenchReport) -> list[str]:
-    lines = ["| configuration | closed-loop capacity /s | open-loop capacity /s | open / closed |", "|---|--:|--:|--:|"]
-    for name, capacity in report.open_capacity.items():
-        closed = report.capacity(name)
+    lines = [
+        f"| configuration | deadline ms | closed-loop capacity /s | {OPEN_PROBE_S:g}-s probes' rate /s "
+        "| open-loop capacity /s | open / closed | confirmed |",
+        "|---|--:|--:|--:|--:|--:|:-:|",
+    ]
+    for c in report.open_capacity:
+        closed, capacity = c["closed_per_s"], c["capacity_per_s"]
         ratio = f"{capacity / closed:.2f}" if closed else "–"
-        lines.append(f"| {name} | {_fmt(closed)} | {_fmt(capacity)} | {ratio} |")
+        lines.append(
+            f"| {c['server']} | {c['deadline_ms']:g} | {_fmt(closed)} | {_fmt(c['bisected_per_s'])} | {_fmt(capacity)} "
+            f"| {ratio} | {'yes' if c['confirmed'] else 'NO'} |"
+        )
     return lines
 
 
@@ -343,14 +350,16 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
             "",
             "## Open loop: Poisson arrivals at multiples of the capacity (single-sample requests)",
             "",
-            "Rates are multiples of each configuration's open-loop capacity: the highest Poisson rate at which",
-            f"at least {SUSTAINED:.0%} of the arrivals got a 200 within the deadline of its first server below",
-            f"(bisection, {OPEN_PROBES} probes of up to {OPEN_PROBE_S:g} s below the best closed-loop single-sample",
-            "throughput). Latency",
-            "counts from each arrival's scheduled send time. Every arrival is accounted for: an arrival that finds",
-            "all of the generator's connections busy waits for one on the client (still timed from its schedule),",
-            "and one the client gives up on counts as a timeout inside 'all arrivals'. Goodput: 200 answers within",
-            "the deadline, per second. The floor runs at the rates of the project's default configuration.",
+            "Rates are multiples of each configuration's open-loop capacity at each deadline: the highest Poisson",
+            f"rate at which at least {SUSTAINED:.0%} of the arrivals got a 200 within the deadline, sought on that",
+            f"deadline's server by bisection ({OPEN_PROBES} probes of up to {OPEN_PROBE_S:g} s below the best",
+            "closed-loop single-sample throughput), then confirmed by a run as long as the runs below, or by up to",
+            f"{CONFIRM_TRIES - 1} more, each {1 - CONFIRM_STEP:.0%} lower ('confirmed': one of them sustained it).",
+            "Latency counts from each arrival's scheduled send time. Every arrival is accounted for: an arrival",
+            "that finds all of the generator's connections busy waits for one on the client (still timed from its",
+            "schedule), and one the client gives up on counts as a timeout inside 'all arrivals'. Goodput: 200",
+            "answers within the deadline, per second. The floor runs at the rates of the project's default",
+            "configuration at its first deadline.",
             "",
             *_capacity_lines(report),
             "",

@@ -52,8 +52,10 @@ class BenchReport:
     raw: list[dict[str, Any]]  # in-process graph throughput per batch size and thread count
     runs: list[RunRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # open-loop capacity of each project configuration: the highest Poisson rate it sustains (runs._open_capacity)
-    open_capacity: dict[str, float] = field(default_factory=dict)
+    # open-loop capacity of each project configuration at each deadline: the highest Poisson rate it sustains
+    # (runs._open_capacity), in the order sought: {"server", "deadline_ms", "closed_per_s", "bisected_per_s",
+    # "capacity_per_s", "confirmed", "probes"}
+    open_capacity: list[dict[str, Any]] = field(default_factory=list)
 
     def closed(self, server: str, kind: str, concurrency: int | None = None) -> list[RunRecord]:
         return [

@@ -282,6 +282,27 @@ def test_open_loop_capacity_is_bisected_below_the_closed_loop() -> None:
     assert bench_runs.bisect_capacity(up_to(0), 4, 9) == (1.0, False) and probed == [2, 1]
 
 
+def test_open_loop_capacity_is_confirmed_by_longer_runs() -> None:
+    run: list[float] = []
+
+    def up_to(limit: float):
+        def sustains(rate: float) -> bool:
+            run.append(rate)
+            return rate <= limit
+
+        return sustains
+
+    # sustained at once: one run, the rate unchanged
+    assert bench_runs.confirm_capacity(up_to(1000), 1000, 3) == (1000, True) and run == [1000]
+    run.clear()
+    # the short probes overestimated: each further run 10% below the last, until one sustains
+    assert bench_runs.confirm_capacity(up_to(850), 1000, 3) == (pytest.approx(810), True)
+    assert run == [1000, 900, pytest.approx(810)]
+    run.clear()
+    # none sustained within the tries: the last rate run, flagged
+    assert bench_runs.confirm_capacity(up_to(100), 1000, 2) == (900, False) and run == [1000, 900]
+
+
 def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "docs" / "BENCH.md"
     out.parent.mkdir()
@@ -325,13 +346,21 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert [(r.server, r.deadline_ms) for r in opened] == [(project, 2000.0), (project, 100.0), (floor, None)]
     assert all(r.load["errors"] == {} and r.load["completed"] > 0 for r in report.runs)
     assert all(r.load["goodput_per_s"] <= r.load["ok_per_s"] for r in opened)
-    # Open-loop rates are multiples of the rate the project sustains in the open loop, sought below its
-    # closed-loop capacity; the floor runs at the project's rates.
-    assert list(report.open_capacity) == [project]
-    assert 0 < report.open_capacity[project] < report.capacity(project)
-    assert {r.load["capacity_per_s"] for r in opened} == {report.open_capacity[project]}
-    (probed,) = [line for line in lines if line.startswith(f"open-loop capacity of {project}: ")]
-    assert probed.count("/s ") == 1 + bench.OPEN_PROBES  # the capacity, then each probe's rate and share
+    # Open-loop rates are multiples of the rate the project sustains in the open loop at that run's deadline,
+    # sought on that deadline's server below its closed-loop capacity; the floor runs at the first deadline's rates.
+    found = {(c["server"], c["deadline_ms"]): c for c in report.open_capacity}
+    assert list(found) == [(project, 2000.0), (project, 100.0)]
+    for c in found.values():
+        assert 0 < c["capacity_per_s"] < report.capacity(project) == c["closed_per_s"]
+        # the probes (0.3 s) are as long as the runs, so the bisection's rate stands, confirmed, with no extra run
+        assert c["capacity_per_s"] == c["bisected_per_s"] and c["confirmed"] and len(c["probes"]) == bench.OPEN_PROBES
+    assert [r.load["capacity_per_s"] for r in opened] == [
+        found[project, 2000.0]["capacity_per_s"], found[project, 100.0]["capacity_per_s"],
+        found[project, 2000.0]["capacity_per_s"],
+    ]  # fmt: skip
+    probed = [line for line in lines if line.startswith(f"open-loop capacity of {project} at ")]
+    assert [line.split(":")[0][-7:] for line in probed] == ["2000 ms", " 100 ms"]
+    assert all(line.count("/s ") == 1 + bench.OPEN_PROBES for line in probed)  # the capacity, then each probe
     floor_runs = [r for r in report.runs if r.server == floor]
     assert floor_runs and all(set(r.load["status"]) == {503} for r in floor_runs)  # it refuses every request
     assert [r.samples_per_request for r in report.runs[:9]] == [1, 1, 1, 1, 1, 4, 4, 4, 4]
@@ -370,10 +399,12 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert "![latency vs throughput](bench.png)" in text and cfg.plot_path == out.parent / "bench.png"
     assert cfg.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith(f"| {v2} | ") for line in text.splitlines())  # the v2 route, in the tables
-    capacity_rows = [line for line in text.splitlines() if line.startswith(f"| {project} | ") and line.count("|") == 5]
-    assert len(capacity_rows) == 1  # closed, open, open / closed
-    # model, closed-loop start, 18 closed runs, the open-loop capacity, 3 x (open start + run)
-    assert len(lines) == 1 + 1 + 18 + 1 + 3 * 2
+    capacity_rows = [line for line in text.splitlines() if line.startswith(f"| {project} | ") and line.count("|") == 8]
+    # deadline, closed, the probes' rate, open, open / closed, confirmed
+    assert [row.split(" | ")[1] for row in capacity_rows] == ["2000", "100"]
+    assert all(row.endswith(" | yes |") for row in capacity_rows)
+    # model, closed-loop start, 18 closed runs, 2 deadlines x (the capacity, open start + run), floor start + run
+    assert len(lines) == 1 + 1 + 18 + 2 * 3 + 2
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
