@@ -80,12 +80,18 @@ class Occupancy:
             self._window_start = now
         self.in_system += 1
 
-    def leave(self, now: float) -> None:
+    def step_out(self, now: float) -> None:
+        """A request here waits on its client (its body is still on the way): not counted until it enters
+        again (:meth:`enter`). A stalled upload would otherwise keep the process "busy" while nothing finishes,
+        and every new request would look as if it waited behind it."""
         self.in_system -= 1
-        self._done += 1
         if self.in_system == 0 and self._busy_since is not None:
             self._busy += now - self._busy_since
             self._busy_since = None
+
+    def leave(self, now: float) -> None:
+        self.step_out(now)
+        self._done += 1
         assert self._window_start is not None
         if now - self._window_start >= self.window_s:
             busy = self._busy

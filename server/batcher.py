@@ -185,6 +185,10 @@ class Batcher:
         """An admitted request ends without reaching the queue (bad body, client gone): no longer incoming."""
         self.incoming = max(0, self.incoming - 1)
 
+    def rejoin(self) -> None:
+        """An admitted request that :meth:`leave` took out while it waited on its client is incoming again."""
+        self.incoming += 1
+
     def predicted_wait(self, now: float, rows: int = 1) -> float:
         """Seconds until a request of ``rows`` samples arriving ``now`` would be answered (admission's estimate).
 

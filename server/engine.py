@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from server.admission import LoopLag, Occupancy
-from server.errors import FeatureStoreUnavailable, ModelNotFound, NotReady, ServingError
+from server.errors import BodyTimeout, FeatureStoreUnavailable, ModelNotFound, NotReady, ServingError
 from server.features import FeatureStore
 from server.featurize import Instances
 from server.metrics import Metrics
@@ -132,6 +132,31 @@ class Engine:
             ticket.mv.batcher.check_deadline(
                 time.monotonic(), deadline, ahead_s=self.occupancy.wait_s(), max_wait_s=self.max_queue_delay_s
             )
+
+    async def read_body(self, ticket: Ticket, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        """``await read()``, a body that is still on its way, by the ticket's deadline (else :class:`BodyTimeout`).
+
+        While it waits on the client, the request is not counted in this process (:meth:`Occupancy.step_out`)
+        nor as coming to its model's queue: a stalled upload is no work of ours, and counting it would refuse
+        every other request as if it waited behind it. The timeout frees the model version the ticket holds.
+        """
+        batcher = ticket.mv.batcher
+        self.occupancy.step_out(time.monotonic())
+        if ticket.incoming:
+            batcher.leave()
+        try:
+            async with asyncio.timeout(max(0.0, ticket.deadline - time.monotonic())):
+                return await read()
+        except TimeoutError:
+            waited = (time.monotonic() - ticket.arrival) * 1000
+            raise BodyTimeout(
+                f"the request body did not arrive by the request's deadline ({waited:.0f} ms after its headers);"
+                " closing the connection"
+            ) from None
+        finally:
+            self.occupancy.enter(time.monotonic())
+            if ticket.incoming:
+                batcher.rejoin()
 
     def release(self, ticket: Ticket) -> None:
         if ticket.incoming:

@@ -98,6 +98,13 @@ class DeadlineExceeded(ServingError, status=504, kind="deadline_exceeded"):
     """The request's deadline (LMA_REQUEST_TIMEOUT_MS) passed before it reached the model."""
 
 
+class BodyTimeout(ServingError, status=408, kind="request_timeout"):
+    """The request's body did not arrive by its deadline; the connection is closed (RFC 9110 15.5.9)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class ReloadFailed(ServingError, status=422, kind="reload_failed"):
     """A new model version was refused; the previous one keeps serving."""
 

@@ -30,7 +30,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server.protocols.routing import ARRIVAL
+from server.protocols.routing import ARRIVAL, BODY_READ
 
 
 class _Corked:
@@ -128,6 +128,7 @@ class LmaHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         if not self._refused:
+            self.scope[BODY_READ] = True  # type: ignore[literal-required]
             super().on_message_complete()
 
     def on_response_complete(self) -> None:

@@ -37,6 +37,7 @@ TIMEOUT_HEADER = b"x-request-timeout-ms"
 TICKET = "lma.ticket"  # scope key: the admission ticket of the early (HTTP protocol) admission
 ROUTE = "lma.route"  # scope key: the (route, path parameters) the early admission matched
 ARRIVAL = "lma.arrival"  # scope key: time.monotonic() at which the request's first bytes were read
+BODY_READ = "lma.body_read"  # scope key: True once the HTTP protocol holds the whole body (no wait to read it)
 
 
 @dataclass(slots=True)
@@ -50,13 +51,19 @@ class ScoringRequest:
     ticket: Ticket
     max_body_bytes: int
     disconnects: DisconnectWatch
+    engine: Engine
 
     @property
     def headers(self) -> Headers:
         return self.scope["headers"]  # type: ignore[no-any-return]
 
-    async def body(self) -> bytes:
-        return await receive_body(self.scope["headers"], self.receive, self.max_body_bytes)
+    def body(self) -> Awaitable[bytes]:
+        """The body. Read at once when the HTTP protocol already holds all of it (``lma serve``: nearly always);
+        else waited for by the request's deadline, and not counted as work meanwhile (:meth:`Engine.read_body`)."""
+        read = receive_body(self.scope["headers"], self.receive, self.max_body_bytes)
+        if self.scope.get(BODY_READ):
+            return read
+        return self.engine.read_body(self.ticket, lambda: read)
 
     def wait(self, awaitable: Awaitable[Any]) -> Awaitable[Any]:
         """``awaitable``, cancelled if the client goes away meanwhile (:class:`~server.errors.ClientDisconnected`)."""
@@ -114,7 +121,7 @@ class ScoringRoute:
         if ticket is None:
             ticket = admit(engine, scope, name, params.get("version"), app.max_timeout_s)
         try:
-            request = ScoringRequest(scope, receive, ctx, params, ticket, app.max_body_bytes, app.disconnects)
+            request = ScoringRequest(scope, receive, ctx, params, ticket, app.max_body_bytes, app.disconnects, engine)
             reply = await self.handler(engine, request)
             if time.monotonic() > ticket.deadline:  # answered, but later than the client asked for
                 engine.metrics.pending.inc(engine.metrics.answered_late.labels(ticket.mv.name, self.template))
@@ -221,6 +228,7 @@ def _json_ref(model: type[BaseModel] | str) -> dict[str, Any]:
 _REASONS = {
     400: "Invalid input (Open Inference Protocol)",
     404: "Unknown model or entity",
+    408: "The body did not arrive by the deadline (the connection is closed)",
     413: "Too large",
     415: "Unsupported Content-Encoding",
     422: "Invalid input",

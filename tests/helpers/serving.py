@@ -82,13 +82,13 @@ def instance(i: int = 0, n_dense: int = 13, n_fields: int = 26) -> dict[str, Any
 class LiveServer:
     """A real uvicorn server (the server's HTTP protocol, uvloop) on a free port, in a background thread."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, http: str = "server.http_protocol:LmaHttpProtocol") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on",
-            http="server.http_protocol:LmaHttpProtocol", proxy_headers=False,
-        )  # fmt: skip  # what `lma serve` runs
+            http=http, proxy_headers=False,
+        )  # fmt: skip  # by default what `lma serve` runs; http="httptools" is stock uvicorn
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -75,6 +76,46 @@ def test_connection_close_after_a_refusal(live: LiveServer) -> None:
         status, headers, _ = _read_response(s)
         assert status == 503 and headers["connection"] == "close"
         assert s.recv(10) == b""  # and the server closed it
+
+
+@pytest.mark.parametrize("http", ["server.http_protocol:LmaHttpProtocol", "httptools"])
+def test_a_stalled_upload_neither_shuts_out_other_requests_nor_lasts(
+    bundles: Bundles, tmp_path: Path, http: str
+) -> None:
+    # The headers of a request whose body never comes. Waiting on a client is no work of the server's: with
+    # the request counted as in the process for the whole stall, every other request looked as if it waited
+    # behind it and was refused (503, "would wait about 126 ms"), for as long as the client held on.
+    repo = make_repo(tmp_path / "repo", bundles.criteo_v1)
+    body = json.dumps({"instances": [instance()]}).encode()
+    with (
+        LiveServer(build_app(settings_for(repo, max_queue_delay_ms=100)), http=http) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as stalled,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        assert client.post(PREDICT, content=body).status_code == 200
+        stalled.sendall(_request_head(500, timeout_ms=1600))
+        start = time.monotonic()
+        codes = []
+        while time.monotonic() - start < 1.2:  # each request alone in one of the occupancy estimate's windows
+            codes.append(client.post(PREDICT, content=body).status_code)
+            time.sleep(0.2)
+        assert codes and set(codes) == {200}, codes
+        # the stalled request ends at its deadline, with 408, and its connection is closed
+        status, headers, answer = _read_response(stalled)
+        assert time.monotonic() - start >= 1.5
+        assert (status, headers["connection"]) == (408, "close")
+        assert json.loads(answer) == {
+            "error": json.loads(answer)["error"],
+            "kind": "request_timeout",
+        } and json.loads(answer)["error"].startswith("the request body did not arrive by the request's deadline (")
+        assert stalled.recv(10) == b""
+        metrics = client.get("/metrics").text
+        assert (
+            f'lma_requests_total{{code="200",model="criteo",route="/v1/models/{{name}}:predict"}} {len(codes) + 1}.0'
+            in metrics
+        )
+        assert 'lma_requests_total{code="408",model="criteo",route="/v1/models/{name}:predict"} 1.0' in metrics
+        assert client.post(PREDICT, content=body).status_code == 200
 
 
 def test_expect_100_continue_is_answered_at_once(live: LiveServer) -> None:

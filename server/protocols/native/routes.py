@@ -31,7 +31,7 @@ async def predict(engine: Engine, request: ScoringRequest) -> Reply:
     return Reply(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-_ERRORS = (404, 413, 415, 422, 503, 504)
+_ERRORS = (404, 408, 413, 415, 422, 503, 504)
 SCORING = (
     ScoringRoute(
         "/v1/models/{name}:predict", predict, "native", "Score instances with a model", ("predict",),

@@ -58,7 +58,7 @@ async def infer(engine: Engine, request: ScoringRequest) -> Reply:
     )
 
 
-_ERRORS = (400, 404, 413, 415, 503, 504)
+_ERRORS = (400, 404, 408, 413, 415, 503, 504)
 SCORING = (
     ScoringRoute(
         "/v2/models/{name}/infer", infer, "v2", "Score input tensors", ("v2",), InferRequest, InferResponse, _ERRORS
