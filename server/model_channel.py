@@ -49,6 +49,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from export.bundle import NAME_PATTERN
 from server.redis_store import redact_url
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class ModelUpdate:
             raise ValueError(
                 f"{where}: name, version and path must be non-empty strings, got {name!r}, {version!r}, {path!r}"
             )
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"{where}: invalid model name {name!r} (a name matches {NAME_PATTERN.pattern})")
+        if "\x00" in path or not Path(path).is_absolute():
+            raise ValueError(f"{where}: path must be an absolute path without NUL bytes, got {path!r}")
         try:
             published_at = float(d["published_at"])
         except (TypeError, ValueError):
@@ -297,8 +302,8 @@ class ModelUpdateSubscriber:
         try:
             async with asyncio.timeout(self.ping_interval_s):
                 await pubsub.subscribe(CHANNEL)
-                names, records = await self._read_current(client)  # after SUBSCRIBE: nothing can slip by
-            await self._catch_up(names, records)
+                current = await self._read_current(client)  # after SUBSCRIBE: nothing can slip by
+            await self._catch_up(current)
             self.connects += 1
             self.connected.set()
             log.info("model-update channel: subscribed to %s at %s", CHANNEL, self.where)
@@ -326,21 +331,41 @@ class ModelUpdateSubscriber:
                 await asyncio.shield(_close(pubsub, client))
 
     @staticmethod
-    async def _read_current(client: aioredis.Redis) -> tuple[list[str], list[dict[bytes, bytes]]]:
-        """Every published name and its current-version record, in one round trip after SMEMBERS."""
-        names = sorted(n.decode() for n in await client.smembers(NAMES_KEY))  # type: ignore[misc, union-attr]
+    async def _read_current(client: aioredis.Redis) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Every published name and its current-version record, in one round trip after SMEMBERS.
+
+        What another client wrote wrong (a member that is not UTF-8, a name whose key is not a hash, a
+        ``lma:models`` that is not a set) is logged and skipped: it must not keep the other models from
+        updating, and reconnecting would only read it again.
+        """
+        try:
+            members = await client.smembers(NAMES_KEY)  # type: ignore[misc]
+        except redis.ResponseError as e:
+            log.error("model-update channel: cannot read the published names from %s: %s", NAMES_KEY, e)
+            return []
+        names = []
+        for member in sorted(members):
+            try:
+                names.append(member.decode() if isinstance(member, bytes) else member)
+            except UnicodeDecodeError:
+                log.error("model-update channel: ignored a member of %s that is not UTF-8: %r", NAMES_KEY, member)
         if not names:
-            return [], []
+            return []
         async with client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(current_key(name))
-            return names, await pipe.execute()
-
-    async def _catch_up(self, names: list[str], records: list[dict[bytes, bytes]]) -> None:
-        """Apply each model's recorded current version that this subscriber has not applied."""
+            records = await pipe.execute(raise_on_error=False)
+        current = []
         for name, record in zip(names, records, strict=True):
-            if not record:
-                continue
+            if isinstance(record, redis.ResponseError):
+                log.error("model-update channel: ignored %s: %s", current_key(name), record)
+            elif record:
+                current.append((name, record))
+        return current
+
+    async def _catch_up(self, current: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        """Apply each model's recorded current version that this subscriber has not applied."""
+        for name, record in current:
             try:
                 update = ModelUpdate.from_mapping(_decoded(record), current_key(name))
             except (UnicodeDecodeError, ValueError) as e:

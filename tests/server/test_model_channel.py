@@ -236,6 +236,34 @@ async def test_failing_updates_and_bad_messages_do_not_stop_the_subscriber(
     assert sub.connected.is_set() and sub.connects == 1
 
 
+async def test_bad_records_of_other_models_do_not_stop_the_updates(
+    redis_server: RedisServer, tiny_bundles: dict[str, Bundle], caplog: pytest.LogCaptureFixture
+):
+    # What another client wrote wrong once made every (re)connect fail on WRONGTYPE or a decode error, so no
+    # model updated again: a name whose record is not a hash, a name that is not UTF-8.
+    r = redis_server.client()
+    publish(redis_server.url, tiny_bundles["1"].path)
+    r.sadd(NAMES_KEY, "bogus", b"\xff\xfe")
+    r.set(current_key("bogus"), "x")
+    recorder = Recorder()
+    async with ModelUpdateSubscriber(redis_server.url, recorder, ping_interval_s=1.0) as sub:
+        assert await recorder.next() == ("tiny", path_of(tiny_bundles["1"]))  # caught up past the bad ones
+        await wait_until(sub.connected.is_set, "subscribed")
+        publish(redis_server.url, tiny_bundles["2"].path)
+        assert await recorder.next() == ("tiny", path_of(tiny_bundles["2"]))
+        assert sub.connects == 1
+    logged = [rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR"]
+    assert any(m.startswith(f"model-update channel: ignored {current_key('bogus')}: WRONGTYPE") for m in logged)
+    assert f"model-update channel: ignored a member of {NAMES_KEY} that is not UTF-8: b'\\xff\\xfe'" in logged
+    # lma:models itself of the wrong type: nothing to catch up on, and announcements still arrive
+    r.delete(NAMES_KEY)
+    r.set(NAMES_KEY, "x")
+    async with ModelUpdateSubscriber(redis_server.url, recorder, ping_interval_s=1.0) as sub:
+        await wait_until(sub.connected.is_set, "subscribed")
+        r.publish(CHANNEL, ModelUpdate("tiny", "1", path_of(tiny_bundles["1"]), 1.0).to_json())
+        assert await recorder.next() == ("tiny", path_of(tiny_bundles["1"]))
+
+
 async def test_stop_closes_the_connection(redis_server: RedisServer, tiny_bundles: dict[str, Bundle]):
     sub = ModelUpdateSubscriber(redis_server.url, Recorder())
     await sub.start()
@@ -288,6 +316,12 @@ def test_model_update_parsing_names_what_is_wrong():
         ModelUpdate.from_json('{"name": "m", "version": "3"}', "msg")
     with pytest.raises(ValueError, match=r"msg: published_at must be a number, got 'soon'"):
         ModelUpdate.from_mapping({"name": "m", "version": "3", "path": "/p", "published_at": "soon"}, "msg")
+    # a name no bundle can have (it would also become a metric label), a path that is not one
+    with pytest.raises(ValueError, match=r"msg: invalid model name '\.\./x' \(a name matches "):
+        ModelUpdate.from_mapping({**good.to_hash(), "name": "../x"}, "msg")
+    for path in ("/a/m\x00/3", "a/m/3"):
+        with pytest.raises(ValueError, match=r"msg: path must be an absolute path without NUL bytes, got "):
+            ModelUpdate.from_mapping({**good.to_hash(), "path": path}, "msg")
     with pytest.raises(ValueError, match="need 0 < backoff_s <= max_backoff_s"):
         ModelUpdateSubscriber("redis://127.0.0.1:1/0", Recorder(), backoff_s=0)
 
