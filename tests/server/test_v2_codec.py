@@ -154,3 +154,31 @@ def test_json_bytes_data_flat_or_nested() -> None:
     for bad in (["a", 1, "c", "d"], [["a", None], ["c", "d"]], [["a", "b"], [2, "d"]]):
         with pytest.raises(InvalidInput, match=r"input 'categorical': BYTES data must be strings, got"):
             data(bad)
+
+
+def test_deeply_nested_bytes_data_is_bad_input_not_a_crash() -> None:
+    # orjson parses up to 1024 levels; the old recursive flattening hit Python's recursion limit first (a 500)
+    def request(data: bytes) -> bytes:
+        return b'{"inputs": [{"name": "categorical", "shape": [2, 2], "datatype": "BYTES", "data": %s}]}' % data
+
+    deep = b"[" * 1000 + b'"a", "b", "c", "d"' + b"]" * 1000  # written out: orjson.dumps stops at 255 levels
+    assert codec.decode_infer_request(request(deep), None).inputs[0].data == ["a", "b", "c", "d"]
+    with pytest.raises(InvalidInput, match=r"^input 'categorical': BYTES data must be strings, got number$"):
+        codec.decode_infer_request(request(b'[[["a", "b"], ["c"]], [[["d", 1.5]]]]'), None)
+
+
+def test_binary_output_flags_must_be_booleans() -> None:
+    def binary(**request: object) -> bool:
+        inputs = [{"name": "categorical", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]}]
+        return codec.decode_infer_request(orjson.dumps({"inputs": inputs, **request}), None).binary_output
+
+    assert binary() is False
+    assert binary(parameters={"binary_data_output": True}) is True
+    assert binary(outputs=[{"name": codec.OUTPUT_NAME, "parameters": {"binary_data": False}}]) is False
+    # bool("false") is True: a string once asked for the binary answer it said no to
+    with pytest.raises(InvalidInput, match=r"^parameters.binary_data_output: expected true or false, got string$"):
+        binary(parameters={"binary_data_output": "false"})
+    with pytest.raises(
+        InvalidInput, match=r"^outputs\[0\].parameters.binary_data: expected true or false, got integer$"
+    ):
+        binary(outputs=[{"name": codec.OUTPUT_NAME, "parameters": {"binary_data": 0}}])

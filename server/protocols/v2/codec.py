@@ -146,13 +146,20 @@ def _json_data(name: str, datatype: str, data: object) -> np.ndarray | list[str]
 
 
 def _flatten_strings(name: str, data: list[object], out: list[str]) -> None:
-    for v in data:
-        if type(v) is str:
-            out.append(v)
-        elif type(v) is list:
-            _flatten_strings(name, v, out)
+    """The strings of ``data``, nested lists in order, into ``out``: with a stack of its own, not recursion,
+    so that a body nested a thousand deep is bad input (422/400), not a ``RecursionError`` (500)."""
+    stack = [iter(data)]
+    while stack:
+        for v in stack[-1]:
+            if type(v) is str:
+                out.append(v)
+            elif type(v) is list:
+                stack.append(iter(v))
+                break
+            else:
+                raise InvalidInput(f"input {name!r}: BYTES data must be strings, got {json_type(v)}")
         else:
-            raise InvalidInput(f"input {name!r}: BYTES data must be strings, got {json_type(v)}")
+            stack.pop()
 
 
 def _element_starts(raw: memoryview, count: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -225,7 +232,11 @@ def _binary_data(name: str, datatype: str, raw: memoryview, count: int) -> np.nd
 
 def _binary_output(request: dict[str, Any]) -> bool:
     params = request.get("parameters") or {}
-    binary = bool(params.get("binary_data_output", False)) if type(params) is dict else False
+    binary = (
+        _flag(params.get("binary_data_output", False), "parameters.binary_data_output")
+        if type(params) is dict
+        else False
+    )
     outputs = request.get("outputs")
     if outputs is None:
         return binary
@@ -237,8 +248,14 @@ def _binary_output(request: dict[str, Any]) -> bool:
             raise InvalidInput(f"outputs[{k}]: unknown output {got!r}; this model has {OUTPUT_NAME!r}")
         params = out.get("parameters") or {}
         if type(params) is dict and "binary_data" in params:
-            binary = bool(params["binary_data"])
+            binary = _flag(params["binary_data"], f"outputs[{k}].parameters.binary_data")
     return binary
+
+
+def _flag(value: object, where: str) -> bool:
+    if type(value) is not bool:  # bool("false") is True: a string here would ask for the opposite
+        raise InvalidInput(f"{where}: expected true or false, got {json_type(value)}")
+    return value
 
 
 def encode_infer_response(
