@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server.errors import FeatureStoreUnavailable
+from server.errors import FeatureStoreUnavailable, InvalidInput
 
 DEFAULT_PREFIX = "lma:features:"
 DEFAULT_TIMEOUT_MS = 50.0
@@ -158,6 +158,7 @@ class RedisFeatureStore:
 
         Raises:
             FeatureStoreUnavailable: Redis did not answer within the deadline, or failed.
+            InvalidInput: an entity's key holds something other than a hash.
         """
         if not entities:
             return []
@@ -165,7 +166,14 @@ class RedisFeatureStore:
         async with self._round_trip("a fetch"), self._client.pipeline(transaction=False) as pipe:
             for entity in distinct:
                 pipe.hgetall(self.key(entity))
-            replies: list[StoredFeatures] = await pipe.execute()
+            # an error reply (WRONGTYPE: the key holds no hash) is the stored data's fault, not Redis being
+            # away: it is named, and the store stays available for every other entity
+            replies: list[StoredFeatures] = await pipe.execute(raise_on_error=False)
+        for entity, reply in zip(distinct, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                raise InvalidInput(
+                    f"entity {entity!r}: what is stored at {self.key(entity)} is no feature hash ({reply})"
+                )
         if len(distinct) == len(entities):
             return [reply or None for reply in replies]
         # Each instance gets a dict of its own: the caller may change one without touching another.

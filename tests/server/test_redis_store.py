@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from models.schema import criteo_schema
-from server.errors import FeatureStoreUnavailable
+from server.errors import FeatureStoreUnavailable, InvalidInput
 from server.featurize import Featurizer
 from server.redis_store import (
     DEFAULT_PREFIX,
@@ -67,6 +67,22 @@ async def test_fetch_returns_each_entitys_hash_in_request_order(redis_server: Re
     assert got[0] is not got[3]  # a repeated entity gets a dict of its own
     assert await store.fetch([]) == []
     assert store.available
+
+
+async def test_a_key_that_holds_no_hash_is_named_and_the_store_stays_available(
+    redis_server: RedisServer, store: RedisFeatureStore
+):
+    # it once read as "feature store unavailable" (503, retry): a retry can never succeed, and it failed the
+    # other entities of the request as well as marking the store down
+    put(redis_server, "good", {"C1": "68fd1e64"})
+    redis_server.client().set(store.key("wrongtype"), "hello")
+    with pytest.raises(InvalidInput) as e:
+        await store.fetch(["good", "wrongtype"])
+    assert e.value.message.startswith(
+        f"entity 'wrongtype': what is stored at {store.key('wrongtype')} is no feature hash (WRONGTYPE"
+    )
+    assert store.available
+    assert await store.fetch(["good"]) == [{"C1": "68fd1e64"}]
 
 
 async def test_fetch_of_n_entities_is_one_round_trip(redis_server: RedisServer, store: RedisFeatureStore):
