@@ -22,7 +22,10 @@ ENV_PREFIX = "LMA_"
 class Settings(BaseSettings):
     """What the server reads at start-up (DESIGN section 7). Times are in the unit their name says."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=())
+    # allow_inf_nan=False: "inf" passes gt=0, and a deadline of inf broke /openapi.json (not JSON) after start-up
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=(), allow_inf_nan=False
+    )
 
     # models
     model_dir: Path = Field(Path("artifacts"), description="one bundle, or a repository of <name>/<version>/ bundles")

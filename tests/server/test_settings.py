@@ -28,6 +28,8 @@ def test_environment_is_read_with_the_prefix(tmp_path: Path, monkeypatch: pytest
         ({"LMA_MAX_WAIT_MS": "-1"}, "LMA_MAX_WAIT_MS: Input should be greater than or equal to 0 (got '-1')"),
         ({"LMA_REQUEST_TIMEOUT_MS": "0"}, "LMA_REQUEST_TIMEOUT_MS: Input should be greater than 0 (got '0')"),
         ({"LMA_MAX_QUEUE": "many"}, "LMA_MAX_QUEUE: Input should be a valid integer"),
+        ({"LMA_REQUEST_TIMEOUT_MS": "inf"}, "LMA_REQUEST_TIMEOUT_MS: Input should be a finite number (got 'inf')"),
+        ({"LMA_MAX_WAIT_MS": "nan"}, "LMA_MAX_WAIT_MS: Input should be a finite number (got 'nan')"),
         ({"LMA_GC_THRESHOLD": "-1"}, "LMA_GC_THRESHOLD: Input should be greater than or equal to 0 (got '-1')"),
         ({"LMA_REDIS_URL": "localhost:6379"}, "LMA_REDIS_URL: must start with redis://, rediss:// or unix://"),
         ({"LMA_MODEL_DIR": "/no/such/dir"}, "LMA_MODEL_DIR: /no/such/dir is not a directory"),
