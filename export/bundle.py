@@ -311,11 +311,28 @@ def _manifest_name(path: Path) -> str:
     return name
 
 
+def _versions_name(versions: list[Path]) -> str:
+    """The model name of a folder of ``versions`` (oldest first): what its oldest readable manifest says.
+
+    Not the newest's: a new version whose manifest cannot be read, or names another model, would then hide
+    the model or serve under another name. With the name fixed, that version is refused when it is loaded
+    (:meth:`server.registry.ModelRegistry.swap` checks the name), counted, and the one serving stays.
+    """
+    error: BundleError | None = None
+    for version in versions:
+        try:
+            return _manifest_name(version)
+        except BundleError as e:
+            error = error or e
+    assert error is not None
+    raise error
+
+
 def latest_bundles(repo: str | Path) -> dict[str, Path]:
     """name -> folder of the highest numeric version, for each model of a repository.
 
     ``repo`` is one bundle folder (``manifest.json`` inside; the name comes from it), one model's
-    folder of versions ``<version>/manifest.json`` (the name comes from the latest manifest), or a
+    folder of versions ``<version>/manifest.json`` (the name comes from the oldest readable manifest), or a
     tree ``<name>/<version>/manifest.json``. Folders whose name is not a positive integer (e.g.
     the exporter's hidden temporary folders) and version folders without a manifest are skipped;
     nothing is verified here: :func:`load_bundle` does that. An empty repository gives ``{}``.
@@ -325,9 +342,9 @@ def latest_bundles(repo: str | Path) -> dict[str, Path]:
         raise BundleError(f"{repo}: model repository is not a directory")
     if (repo / MANIFEST_FILE).is_file():
         return {_manifest_name(repo): repo}
-    latest = _latest(repo)
-    if latest is not None:  # one model's folder of versions, e.g. artifacts/NAME as `lma export --out` writes it
-        return {_manifest_name(latest): latest}
+    versions = sorted(_versions(repo), key=lambda v: int(v.name))
+    if versions:  # one model's folder of versions, e.g. artifacts/NAME as `lma export --out` writes it
+        return {_versions_name(versions): versions[-1]}
     found: dict[str, Path] = {}
     for model_dir in sorted(repo.iterdir()):
         if model_dir.is_dir() and NAME_PATTERN.match(model_dir.name):

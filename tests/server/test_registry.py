@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -140,6 +141,35 @@ async def test_watcher_swaps_in_new_versions_once(served: tuple[Engine, Path, Me
     shutil.copytree(bundles.avazu.path, repo / "avazu" / "1")  # a new model name appears too
     (added,) = await engine.registry.poll_once()
     assert (added.model, added.result) == ("avazu", "ok") and engine.has_model("avazu")
+
+
+async def test_a_bad_new_version_in_a_folder_of_versions_is_refused_and_counted(
+    bundles: Bundles, tmp_path: Path
+) -> None:
+    # `lma serve artifacts/NAME`: the name once came from the newest manifest, so a version whose manifest did
+    # not parse made every poll fail uncounted ("cannot read the model repository"), and one whose manifest
+    # named another model was served beside it under that name
+    versions = make_repo(tmp_path / "repo", bundles.criteo_v1) / "criteo"
+    metrics = Metrics()
+    registry = ModelRegistry(settings_for(versions), metrics)
+    await registry.load_repository()
+    try:
+        (versions / "3").mkdir()
+        (versions / "3" / "manifest.json").write_text("{not json")
+        (failed,) = await registry.poll_once()
+        assert (failed.model, failed.result, failed.version) == ("criteo", "failed", "1")
+        assert await registry.poll_once() == []  # not retried, nor counted again, until it changes
+        shutil.copytree(bundles.avazu.path, versions / "4")  # the next version, of another model
+        manifest = json.loads((versions / "4" / "manifest.json").read_text())
+        (versions / "4" / "manifest.json").write_text(json.dumps({**manifest, "version": "4"}))
+        (failed,) = await registry.poll_once()
+        assert (failed.model, failed.result, failed.version) == ("criteo", "failed", "1")
+        assert "holds model 'avazu', not 'criteo'" in failed.message
+        assert [mv.name for mv in registry.versions()] == ["criteo"] and registry.get("criteo").version == "1"
+        reloads = metrics.registry.get_sample_value
+        assert reloads("lma_model_reloads_total", {"model": "criteo", "result": "failed"}) == 2
+    finally:
+        await registry.close()
 
 
 async def test_requests_in_flight_during_a_swap_all_succeed(
