@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from typing import Any
 
 import httptools
@@ -109,6 +110,8 @@ class LmaHttpProtocol(HttpToolsProtocol):
         scope: Any = self.scope
         scope["method"] = self.parser.get_method().decode("ascii")
         path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        if "%" in path:  # as uvicorn decodes it: /v1/models/de%6Do:predict is the model 'demo'
+            path = urllib.parse.unquote(path)
         scope["path"] = self.root_path + path
         keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
         answer: bytes | None = self._admit_early(scope, self.server_state.default_headers, keep_alive)

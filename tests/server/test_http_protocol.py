@@ -139,6 +139,24 @@ def test_every_answer_is_whole(live: LiveServer) -> None:
         assert client.get("/v2/health/ready").json() == {"ready": True}
 
 
+def test_a_percent_encoded_path_names_the_same_model(live: LiveServer) -> None:
+    # the early admission matched the raw path, so under `lma serve` (not under stock uvicorn) this was a 404
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        body = json.dumps({"instances": [instance()]}).encode()
+        for path in ("/v1/models/crit%65o:predict", "/v2/models/%63riteo/infer"):
+            v2 = path.startswith("/v2")
+            payload = (
+                json.dumps({"inputs": [
+                    {"name": "dense", "shape": [1, 13], "datatype": "FP32", "data": instance()["dense"]},
+                    {"name": "categorical", "shape": [1, 26], "datatype": "BYTES", "data": instance()["categorical"]},
+                ]}).encode() if v2 else body
+            )  # fmt: skip
+            s.sendall(_request_head(len(payload)).replace(PREDICT.encode(), path.encode()) + payload)
+            status, _, answer = _read_response(s)
+            assert status == 200, answer
+            assert json.loads(answer)["model_name" if v2 else "model"] == "criteo"
+
+
 def test_the_access_log_is_written_off_the_event_loop(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="lma.server.access"):
         r = httpx.post(f"{live.url}{PREDICT}", json={"instances": [instance()]}, headers={"x-request-id": "log-1"})
