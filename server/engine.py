@@ -85,7 +85,10 @@ class Engine:
             if name is None:
                 raise NotReady("no model is loaded yet")
             if name not in self.registry:
-                raise NotReady(f"the default model {name!r} is not loaded (yet)")
+                raise NotReady(
+                    f"the default model {name!r} (LMA_DEFAULT_MODEL) is not loaded; loaded models:"
+                    f" {sorted(m.name for m in self.registry.versions())}"
+                )
         mv = self.registry.get(name)
         if version is not None and version != mv.version:
             raise ModelNotFound(f"model {name!r} version {version!r} is not loaded; serving version {mv.version}")

@@ -187,6 +187,13 @@ class ModelRegistry:
             result = await self.swap(name, path, reason="startup")
             if not result.ok:
                 raise ValueError(f"LMA_MODEL_DIR: model {name!r} could not be loaded: {result.message}")
+        default = self.settings.default_model
+        if default and default not in self._models:
+            log.warning(
+                "LMA_DEFAULT_MODEL=%s is none of the models loaded (%s): POST /v1/predict answers 503 until a"
+                " model of that name is loaded (published, or put in LMA_MODEL_DIR)",
+                default, ", ".join(sorted(self._models)) or "none",
+            )  # fmt: skip
 
     async def swap(self, name: str, path: Path, reason: str = "admin") -> SwapResult:
         """Load ``path`` as the new version of ``name`` and serve it; on any failure keep the old one."""

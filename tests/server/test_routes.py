@@ -66,6 +66,23 @@ def test_default_model_route(app_client: TestClient, bundles: Bundles) -> None:
     np.testing.assert_array_equal(as_float32(r.json()["predictions"]), direct_scores(bundles.avazu, [inst]).probability)
 
 
+def test_a_default_model_that_is_not_loaded_is_said_at_start_and_per_request(
+    bundles: Bundles, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level("WARNING", logger="lma.server.registry"),
+        TestClient(build_app(settings_for(bundles.repo, default_model="nope"))) as client,
+    ):
+        r = client.post("/v1/predict", json={"instances": [instance()]})
+        assert (r.status_code, r.json()["kind"]) == (503, "not_ready")
+        assert r.json()["error"] == (
+            "the default model 'nope' (LMA_DEFAULT_MODEL) is not loaded; loaded models: ['avazu', 'criteo']"
+        )
+        assert client.post("/v1/models/criteo:predict", json={"instances": [instance()]}).status_code == 200
+    assert any(m.getMessage().startswith("LMA_DEFAULT_MODEL=nope is none of the models loaded (avazu, criteo)")
+               for m in caplog.records)  # fmt: skip
+
+
 def test_model_listing(app_client: TestClient, bundles: Bundles) -> None:
     models = {m["name"]: m for m in app_client.get("/v1/models").json()["models"]}
     assert set(models) == {"avazu", "criteo"}
