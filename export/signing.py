@@ -162,7 +162,7 @@ def _load_private_key(path: Path, password: str | None) -> ec.EllipticCurvePriva
 def generate_key_pair(private_path: str | Path, public_path: str | Path | None = None, curve: str = "P-256") -> Path:
     """Write a new key pair: ``private_path`` (PEM PKCS#8, mode 0600) and its public key (default ``.pub`` beside).
 
-    Returns the public key's path. Refuses to overwrite either file.
+    Returns the public key's path. Refuses to overwrite either file; creates missing folders (mode 0700).
     """
     if curve not in CURVES:
         raise ValueError(f"curve must be one of {sorted(CURVES)}, got {curve!r}")
@@ -173,6 +173,10 @@ def generate_key_pair(private_path: str | Path, public_path: str | Path | None =
     for p in (private_path, public):
         if p.exists():
             raise KeyFileError(f"{p}: exists; not overwriting a key")
+    for folder in {private_path.parent, public.parent}:  # e.g. keys/ of the README's command, on a fresh clone
+        if folder.exists() and not folder.is_dir():
+            raise KeyFileError(f"{folder}: not a directory, so no key can be written in it")
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(CURVES[curve])
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(

@@ -277,6 +277,12 @@ def test_keygen_writes_a_private_key_only_its_owner_reads(tmp_path: Path) -> Non
     assert check_public_key_file(public).curve.name == "secp384r1"
     with pytest.raises(KeyFileError, match=r"k\.pem: exists; not overwriting a key"):
         generate_key_pair(tmp_path / "k.pem")
+    # the README's `lma keygen keys/lma-signing.pem` on a fresh clone, where keys/ does not exist yet
+    assert generate_key_pair(tmp_path / "keys" / "s.pem") == tmp_path / "keys" / "s.pub"
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "file").write_text("")
+    with pytest.raises(KeyFileError, match=r"file: not a directory, so no key can be written in it"):
+        generate_key_pair(tmp_path / "file" / "s.pem")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
