@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,31 @@ def parse_manifest(data: bytes, mpath: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{mpath}: missing entries {missing}")
+    _check_memory(manifest["memory"], mpath)
+    embedding = manifest.get("embedding", {})
+    if not isinstance(embedding, dict) or not isinstance(embedding.get("kind", ""), str):
+        raise BundleError(f"{mpath}: 'embedding' must be an object with a string 'kind', got {embedding!r}")
     return manifest
+
+
+_MEMORY_NUMBERS = ("full_embedding_bytes", "embedding_bytes", "dense_bytes", "total_bytes", "embedding_compression")
+
+
+def _check_memory(memory: object, mpath: Path) -> None:
+    """The manifest's memory accounting, as the server's gauges read it (a bad one once passed the load and
+    failed only as the new version was swapped in, leaving it serving without its metrics)."""
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and type(v) is not bool and math.isfinite(v) and v >= 0
+
+    if not isinstance(memory, dict):
+        raise BundleError(f"{mpath}: 'memory' must be an object, got {type(memory).__name__}")
+    bad = [k for k in _MEMORY_NUMBERS if not number(memory.get(k))]
+    if bad:
+        raise BundleError(f"{mpath}: 'memory' entries {bad} must be non-negative numbers")
+    parts = memory.get("embedding_parts")
+    if not isinstance(parts, dict) or not all(type(v) is int and v >= 0 for v in parts.values()):
+        raise BundleError(f"{mpath}: 'memory.embedding_parts' must map part names to byte counts, got {parts!r}")
 
 
 def _check_files(path: Path, manifest: dict[str, Any], signed: SignedFiles | None) -> None:
@@ -299,6 +324,11 @@ def _versions(model_dir: Path) -> list[Path]:
     return [v for v in model_dir.iterdir() if v.is_dir() and is_version(v.name) and (v / MANIFEST_FILE).is_file()]
 
 
+def model_folders(repo: Path) -> list[str]:
+    """The names of ``repo``'s subfolders that are models' folders of versions (``<name>/<version>/manifest.json``)."""
+    return sorted(d.name for d in repo.iterdir() if d.is_dir() and NAME_PATTERN.match(d.name) and _versions(d))
+
+
 def _latest(model_dir: Path) -> Path | None:
     versions = _versions(model_dir)
     return max(versions, key=lambda v: int(v.name)) if versions else None
@@ -344,6 +374,13 @@ def latest_bundles(repo: str | Path) -> dict[str, Path]:
         return {_manifest_name(repo): repo}
     versions = sorted(_versions(repo), key=lambda v: int(v.name))
     if versions:  # one model's folder of versions, e.g. artifacts/NAME as `lma export --out` writes it
+        models = model_folders(repo)
+        if models:  # `lma export --out artifacts` into a repository: which is meant cannot be guessed
+            raise BundleError(
+                f"{repo}: holds both version folders ({', '.join(v.name for v in versions)}) and model folders"
+                f" ({', '.join(models)}); a repository holds <name>/<version>/ only: move the versions to"
+                f" {repo}/<name>/"
+            )
         return {_versions_name(versions): versions[-1]}
     found: dict[str, Path] = {}
     for model_dir in sorted(repo.iterdir()):

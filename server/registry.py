@@ -22,6 +22,7 @@ at start, that signatures are not checked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ class ModelVersion:
         self.active = 0  # requests between acquire() and release()
         self.retired = False
         self._idle = asyncio.Event()
+
+    @property
+    def info_labels(self) -> tuple[str, str, str, str]:
+        """The labels of its ``lma_model_info`` series after the model name: version, runtime, device, embedding."""
+        return self.version, self.runtime.name, self.runtime.device, self.embedding
 
     def acquire(self) -> None:
         self.active += 1
@@ -125,6 +131,21 @@ class SwapResult:
             "message": self.message,
             "seconds": round(self.seconds, 3),
         }
+
+
+def preflight(settings: Settings) -> None:
+    """What start-up would refuse, checked by ``lma serve`` before any worker starts, so that it ends with one
+    line naming the cause (exit 2) instead of a worker's traceback: the device, the trusted keys, and every
+    bundle of LMA_MODEL_DIR verified as its load will verify it (manifest, checksums, signature)."""
+    resolve_device(settings.runtime, settings.device)
+    trust = TrustedKeys.from_files(settings.trusted_keys) if settings.trusted_keys else None
+    for name, path in latest_bundles(settings.model_dir).items():
+        try:
+            bundle = load_bundle(path, trust)
+        except BundleError as e:
+            raise BundleError(f"LMA_MODEL_DIR: model {name!r} cannot be loaded: {e}") from None
+        if bundle.name != name:
+            raise BundleError(f"LMA_MODEL_DIR: {path} holds model {bundle.name!r}, not {name!r}")
 
 
 class ModelRegistry:
@@ -214,10 +235,29 @@ class ModelRegistry:
                 )  # fmt: skip
                 self._record(result, reason, logging.ERROR)
                 return result
+            try:  # before the swap, with no await in between: a version whose gauges cannot be set never serves
+                self.metrics.set_model(
+                    name, new.version, new.runtime.name, new.runtime.device, new.embedding, new.bundle.memory
+                )
+            except Exception as e:
+                await asyncio.to_thread(new.runtime.close)
+                with contextlib.suppress(KeyError):  # its info series, if set before the failure
+                    self.metrics.clear_model(name, *new.info_labels)
+                if old is not None:
+                    self.metrics.set_model(
+                        name, old.version, old.runtime.name, old.runtime.device, old.embedding, old.bundle.memory
+                    )
+                result = SwapResult(
+                    name, "failed", previous, previous, str(path), f"{path}: cannot report its memory: {e!r}",
+                    time.perf_counter() - start,
+                )  # fmt: skip
+                self._record(result, reason, logging.ERROR)
+                return result
             new.batcher.start()
             self._models[name] = new  # the swap: requests arriving from now on get the new version
             if old is not None:
-                self.metrics.clear_model(name, old.version, old.runtime.name, old.runtime.device, old.embedding)
+                if old.info_labels != new.info_labels:  # the same labels are the new version's series now
+                    self.metrics.clear_model(name, *old.info_labels)
                 task = asyncio.get_running_loop().create_task(
                     self._retire(old), name=f"lma-retire-{name}-{old.version}"
                 )
@@ -226,9 +266,6 @@ class ModelRegistry:
                 # once the task is done its frame no longer holds the old version: collect what of it sits in
                 # reference cycles (frozen at start-up, server/heap.py), whether it closed cleanly or not
                 task.add_done_callback(lambda _: heap.settle())
-            self.metrics.set_model(
-                name, new.version, new.runtime.name, new.runtime.device, new.embedding, new.bundle.memory
-            )
             message = f"serving version {new.version}" + (f" (was {previous})" if previous else "")
             if new.bundle.signed_by is not None:
                 message += f", signed by key {new.bundle.signed_by[:16]}"

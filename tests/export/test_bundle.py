@@ -105,6 +105,14 @@ def test_manifest_that_does_not_list_a_graph_is_refused(copy: Path) -> None:
         ({"name": "../x"}, r"invalid model name '\.\./x'"),
         ({"schema": {"dense_names": [], "categorical_names": []}}, r"invalid feature schema"),
         ({"memory": None}, r"missing entries \['memory'\]"),
+        # what the server's gauges read: a bad one once loaded, then failed only as the version was swapped in
+        ({"memory": "x"}, r"'memory' must be an object, got str"),
+        (
+            {"memory": {"total_bytes": -1}},
+            r"'memory' entries \['full_embedding_bytes', 'embedding_bytes', "
+            r"'dense_bytes', 'total_bytes', 'embedding_compression'\] must be non-neg",
+        ),
+        ({"embedding": "x"}, r"'embedding' must be an object with a string 'kind', got 'x'"),
         ({"files": {"../model.onnx": {"sha256": "0", "bytes": 1}, "model.ts": {}}}, r"does not list model\.onnx"),
     ],
 )
