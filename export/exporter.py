@@ -30,7 +30,16 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.bundle import MANIFEST_FILE, NAME_PATTERN, Bundle, BundleError, is_version, load_bundle, sha256_file
+from export.bundle import (
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    Bundle,
+    BundleError,
+    is_version,
+    load_bundle,
+    model_folders,
+    sha256_file,
+)
 from export.contract import RUNTIME_FILES
 from export.graphs import DEFAULT_ONNX_EXPORTER, export_onnx, export_torchscript, onnx_summary
 from export.manifest import build_manifest
@@ -88,6 +97,15 @@ def export_run(
     name = out_dir.name
     if not NAME_PATTERN.match(name):
         raise BundleError(f"{out_dir}: model name {name!r} must match {NAME_PATTERN.pattern}")
+    # every output place checked before the long work, so that a bad one fails at once and writes nothing
+    for place, what in ((out_dir, "--out"), (triton, "--triton")):
+        if place is not None and place.exists() and not place.is_dir():
+            raise BundleError(f"{what} {place}: exists and is not a directory")
+    if out_dir.is_dir() and model_folders(out_dir):
+        raise BundleError(
+            f"{out_dir}: holds model folders ({', '.join(model_folders(out_dir))}), so it is a repository of"
+            f" models, not one model's folder; export to {out_dir}/NAME (its name is the model's)"
+        )
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     version = next_version(out_dir) if version is None else str(version)

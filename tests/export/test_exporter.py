@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 import export.exporter as exporter
 import export.graphs
-from export.bundle import RUNTIME_FILES, Bundle, load_bundle
+from export.bundle import RUNTIME_FILES, Bundle, BundleError, latest_bundles, load_bundle
 from export.exporter import ParityError, export_run, next_version
 from export.graphs import script_model
 from export.onnx_runtime import cpu_session
@@ -186,6 +186,29 @@ def test_versions_increment_and_existing_version_is_refused(tiny_runs: dict[str,
         with pytest.raises(ValueError, match="positive integer"):
             export_run(run.run_dir, out, version=bad)
     assert sorted(p.name for p in out.iterdir()) == ["1", "10", "9"]  # no temporary folder left behind
+
+
+def test_export_into_a_repository_or_onto_a_file_is_refused_before_any_work(
+    tiny_runs: dict[str, TinyRun], tmp_path: Path
+) -> None:
+    run = tiny_runs["hash"]
+    repo = tmp_path / "artifacts"
+    export_run(run.run_dir, repo / "m")
+    # `--out artifacts` once wrote artifacts/1, and the server then took the repository for one model's folder
+    # of versions: every other model vanished from it without a word
+    with pytest.raises(BundleError, match=r"artifacts: holds model folders \(m\), so it is a repository of models"):
+        export_run(run.run_dir, repo)
+    assert sorted(p.name for p in repo.iterdir()) == ["m"]
+    (repo / "1").mkdir()  # a repository made that way before is named, not served as one model
+    shutil.copytree(repo / "m" / "1", repo / "1", dirs_exist_ok=True)
+    with pytest.raises(BundleError, match=r"artifacts: holds both version folders \(1\) and model folders \(m\)"):
+        latest_bundles(repo)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BundleError, match=r"^--out .*file: exists and is not a directory$"):
+        export_run(run.run_dir, tmp_path / "file")
+    with pytest.raises(BundleError, match=r"^--triton .*file: exists and is not a directory$"):
+        export_run(run.run_dir, tmp_path / "n", triton=tmp_path / "file")
+    assert not (tmp_path / "n").exists()
 
 
 def test_parity_is_verified_before_the_version_becomes_visible(
