@@ -63,9 +63,23 @@ def uvicorn_kwargs(options: ServeOptions) -> dict[str, Any]:
     }
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` with SO_REUSEPORT (not listening yet)."""
+def bind_socket(host: str, port: int, exclusive: bool = False) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT (not listening yet).
+
+    ``exclusive``: first make sure no other server listens there. SO_REUSEPORT lets any process of the same
+    user join a port, so a second ``lma serve`` on a port in use would otherwise start, and the kernel would
+    split the connections between the two servers (and their models).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if exclusive and port != 0:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # no SO_REUSEPORT: refused where one listens
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise ValueError(
+                    f"cannot listen on {host}:{port}: {e.strerror} (another server listens there?)"
+                ) from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -165,7 +179,7 @@ class Supervisor:
 
 def serve(options: ServeOptions, on_dead: Callable[[int], None] | None = None) -> int:
     """Run ``options.workers`` workers on ``host:port`` until SIGTERM/SIGINT; the exit status."""
-    reserved = bind_socket(options.host, options.port)  # fails here, once, if the port is taken
+    reserved = bind_socket(options.host, options.port, exclusive=True)  # fails here, once, if the port is taken
     port = reserved.getsockname()[1]
     log.info("listening on %s:%d with %d workers", options.host, port, options.workers)
     try:
