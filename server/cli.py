@@ -58,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.runtimes import runtime_class
 
     runtime_class(settings.runtime)  # a runtime whose extra is not installed: one line, exit 2
+    from server.registry import preflight
+
+    preflight(settings)  # a bad bundle, key or device: one line, exit 2, before any worker starts
     from server.logs import configure_logging
     from server.workers import ServeOptions, serve, uvicorn_kwargs
 

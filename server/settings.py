@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -95,6 +96,10 @@ class Settings(BaseSettings):
         v = v.strip()
         if v and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix:// (got {v!r}); leave it empty for no Redis")
+        try:
+            urlsplit(v).port  # noqa: B018 (parsing is the check: redis-py would fail on it only when it connects)
+        except ValueError as e:
+            raise ValueError(f"{e} (the URL's port must be a number)") from None
         return v
 
     @field_validator("trusted_keys", mode="before")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +22,16 @@ import pytest
 
 from export.exporter import export_run
 from loadtest.bench.process import ServerProcess
-from tests.helpers.serving import ADMIN_TOKEN, TOKENS, Bundles, export_bundles, instance, make_repo, serve
+from tests.helpers.serving import (
+    ADMIN_TOKEN,
+    TOKENS,
+    Bundles,
+    export_bundles,
+    flip_a_byte,
+    instance,
+    make_repo,
+    serve,
+)
 from tests.helpers.traffic import PREDICT, Traffic
 
 
@@ -131,3 +143,34 @@ def test_two_workers_share_their_metrics(bundles: Bundles, tmp_path: Path) -> No
         assert server.stop() == 0
     finally:
         server.stop()
+
+
+def _lma_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "models.main", "serve", *args, "--host", "127.0.0.1"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_what_start_up_would_refuse_is_one_line_before_any_worker(bundles: Bundles, tmp_path: Path) -> None:
+    # a bad bundle (or key, or device) was a worker's traceback after uvicorn started (exit 3, or 1 with
+    # workers); now the command checks them first and says what is wrong in one line (exit 2)
+    bad = make_repo(tmp_path / "repo", bundles.criteo_v1) / "criteo" / "1"
+    flip_a_byte(bad / "model.onnx")
+    done = _lma_serve(str(bad), "--port", "0", "--workers", "2")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"lma serve: error: LMA_MODEL_DIR: model 'criteo' cannot be loaded: {bad / 'model.onnx'}")
+
+
+def test_a_port_another_server_listens_on_is_refused(bundles: Bundles) -> None:
+    # the workers bind with SO_REUSEPORT, which any process of the same user may share: a second `lma serve`
+    # on a port in use once started, and the kernel split the connections between the two servers
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = _lma_serve(str(bundles.criteo_v1.path), "--port", str(port), "--workers", "2")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().endswith(
+        f"lma serve: error: cannot listen on 127.0.0.1:{port}: Address already in use (another server listens there?)"
+    )
