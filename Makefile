@@ -36,7 +36,7 @@ setup: $(STAMP)
 demo-build: setup
 	mkdir -p $(D)data $(D)runs $(D)artifacts
 	$(BIN)/lma synth --rows $(DEMO_ROWS) --out $(D)data/demo.tsv --seed 0
-	$(BIN)/lma train --data $(D)data/demo.tsv --embedding lma --compression 16 --preset small --epochs 1 --out $(D)runs/demo $(if $(DEMO_ROOT),--cache-dir $(D)data/cache,)
+	$(BIN)/lma train --data $(D)data/demo.tsv --embedding lma --compression 16 --preset small --epochs 1 --out $(D)runs/demo --overwrite $(if $(DEMO_ROOT),--cache-dir $(D)data/cache,)
 	$(BIN)/lma export $(D)runs/demo --out $(D)artifacts/demo
 
 # ... and serve it on $(HOST):$(PORT), after printing the README's curl command that scores a row.

@@ -30,6 +30,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser("train", help="train a DLRM on a data file and write a run folder")
     add_train_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the run --out holds (refused without it)")
     p.set_defaults(func=_train, extra="train")
 
     p = sub.add_parser("study", help="full / hash / lma over a list of compressions, everything else equal")
@@ -98,10 +99,31 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, or that holds a run (unless ``overwrite``: then that run's files go
+    now, so that the folder never mixes two runs). Checked before the data is read."""
+    from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    held = [name for name in (CONFIG_FILE, WEIGHTS_FILE, "metrics.json") if (out / name).exists()]
+    if held and not overwrite:
+        raise ValueError(
+            f"--out {out}: holds a run already ({', '.join(held)}); write to another folder, or pass --overwrite"
+            " to replace it"
+        )
+    from models.distributed import env_ranks
+
+    if held and env_ranks()[0] == 0:  # under torchrun, rank 0 alone writes (and clears) the run folder
+        for name in held:
+            (out / name).unlink()
+
+
 def _train(args: argparse.Namespace) -> int:
     from models.distributed import DistributedError, env_ranks, leave
     from models.train import TrainSettings, train
 
+    _check_run_folder(args.out, args.overwrite)
     try:
         result = train(TrainSettings.from_args(args), args.out)
     except DistributedError as e:  # a rank failed and the run was stopped: one line, not the launcher's traceback

@@ -440,6 +440,12 @@ def _fit(settings: TrainSettings, run_dir: Path, prepared: Prepared, ctx: distri
     train_idx, val_idx, test_idx = splits["train"], splits["val"], splits["test"]
     if train_idx.size == 0 or val_idx.size == 0:
         raise ValueError(f"{settings.data}: too few rows ({prepared.rows}) for a train and a validation split")
+    val_positives = int(np.count_nonzero(prepared.labels[val_idx]))
+    if val_positives in (0, val_idx.size):  # no AUC, so no best checkpoint: the run would end with nothing kept
+        raise ValueError(
+            f"{settings.data}: the {val_idx.size:,} validation rows are all labelled {int(val_positives > 0)},"
+            " so their AUC is undefined; the data needs clicks and non-clicks (more rows, or another --split)"
+        )
     if not settings.batch_size:  # resolved from the data, the same on every rank; config.json records it
         settings = replace(settings, batch_size=auto_batch_size(int(train_idx.size)))
 

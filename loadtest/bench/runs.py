@@ -64,7 +64,8 @@ def build_demo_model(work_dir: Path, rows: int) -> tuple[Path, Path]:
     _lma("synth", "--rows", str(rows), "--out", str(data), "--seed", "0", log=log)
     _lma(
         "train", "--data", str(data), "--embedding", "lma", "--compression", "16", "--preset", "small",
-        "--epochs", "1", "--no-progress", "--cache-dir", str(work_dir / "cache"), "--out", str(run), log=log,
+        "--epochs", "1", "--no-progress", "--cache-dir", str(work_dir / "cache"), "--out", str(run), "--overwrite",
+        log=log,
     )  # fmt: skip
     _lma("export", str(run), "--out", str(artifacts), log=log)
     return resolve_bundle(artifacts), data

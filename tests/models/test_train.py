@@ -85,6 +85,39 @@ def test_cli_train_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.C
     assert "compression" in capsys.readouterr().err
 
 
+def test_cli_train_keeps_a_run_that_is_there(
+    synth_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it once replaced every file of an existing run without a word, and a run that never validated left the
+    # old weights beside its own metrics
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"old")
+    args = ["train", "--data", str(synth_file), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lma train: error: --out {run}: holds a run already (config.json, model.safetensors); write to another"
+        " folder, or pass --overwrite to replace it"
+    )
+    assert (run / "model.safetensors").read_bytes() == b"old"
+    (tmp_path / "file").write_text("")
+    assert main([*args, "--out", str(tmp_path / "file")]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"lma train: error: --out {tmp_path / 'file'}: exists and is not a directory"
+    )
+    # validation rows of one label: no AUC, so no best checkpoint; refused before any training
+    one_class = tmp_path / "zeros.tsv"
+    one_class.write_text("".join("0" + line[1:] for line in synth_file.read_text().splitlines(keepends=True)[:3000]))
+    assert main([*args, "--data", str(one_class), "--out", str(run), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lma train: error: {one_class}: the ") and err.endswith(
+        " validation rows are all labelled 0, so their AUC is undefined; the data needs clicks and non-clicks"
+        " (more rows, or another --split)"
+    )
+    assert not (run / "model.safetensors").exists()  # --overwrite: the old run went, as asked
+
+
 def test_auto_batch_size() -> None:
     from models.train import auto_batch_size
 
