@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 REDIS_ENV = "LMA_REDIS_URL"
 TRUSTED_KEYS_ENV = "LMA_TRUSTED_KEYS"  # the server's setting: `lma publish` checks what the replicas will check
@@ -84,14 +86,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     publish.set_defaults(func=_publish)
 
 
+@contextlib.contextmanager
+def _redis_errors(url: str) -> Iterator[None]:
+    """A Redis error reply or a failed connection as one clear line naming the Redis (bad input: exit 2)."""
+    import redis
+
+    from server.redis_store import redact_url
+
+    try:
+        yield
+    except redis.RedisError as e:
+        raise ValueError(f"Redis at {redact_url(url)}: {e}") from None
+
+
 def _load(args: argparse.Namespace) -> int:
     from server.redis_store import LoadReport, feature_rows, load_features
 
     report = LoadReport()
     rows = feature_rows(args.file, args.format, args.entity_column, report)
-    load_features(args.redis, rows, prefix=args.prefix, ttl_s=args.ttl, batch_size=args.batch, report=report)
+    with _redis_errors(args.redis):
+        load_features(args.redis, rows, prefix=args.prefix, ttl_s=args.ttl, batch_size=args.batch, report=report)
     ttl = f", expiring in {args.ttl} s" if args.ttl else ""
     reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(report.skip_reasons.items()))
+    if report.rows == 0:  # an empty file, or one of another format: nothing was written
+        skipped = f"; all {report.skipped} lines were skipped ({reasons})" if report.skipped else ""
+        raise ValueError(f"{args.file}: no {args.format} row to load{skipped}")
     _echo(
         f"loaded {report.rows} rows into hashes {args.prefix}<{args.entity_column}>{ttl}"
         f" in {report.seconds:.1f} s; skipped {report.skipped} lines" + (f" ({reasons})" if reasons else "")
@@ -102,7 +121,8 @@ def _load(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from server.redis_store import bench_fetch, redact_url
 
-    rows = asyncio.run(bench_fetch(args.redis, args.batch_sizes, args.iterations))
+    with _redis_errors(args.redis):
+        rows = asyncio.run(bench_fetch(args.redis, args.batch_sizes, args.iterations))
     _echo(f"RedisFeatureStore.fetch against {redact_url(args.redis)}, {args.iterations} fetches per batch size")
     _echo("")
     _echo("| batch | p50 ms | p90 ms | p99 ms | mean ms | CPU ms per fetch | CPU µs per entity |")
@@ -126,7 +146,8 @@ def _publish(args: argparse.Namespace) -> int:
             f"lma publish: signature not checked (no --key, ${TRUSTED_KEYS_ENV} unset); checksums only",
             file=sys.stderr,
         )
-    update, receivers = publish(args.redis, args.artifact_dir, trust=trust)
+    with _redis_errors(args.redis):
+        update, receivers = publish(args.redis, args.artifact_dir, trust=trust)
     signed = ", signature verified" if trust else ""
     _echo(
         f"published {update.name} version {update.version} ({update.path}{signed}) on {CHANNEL}: "

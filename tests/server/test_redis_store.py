@@ -379,6 +379,26 @@ def test_load_csv_with_header(redis_server: RedisServer, tmp_path: Path):
     assert report.skip_reasons == {"field_count": 1, "missing_key": 1}
 
 
+def test_cli_load_of_nothing_or_into_a_bad_database_is_an_error(redis_server: RedisServer, tmp_path: Path):
+    # both once ended well: exit 0 with "loaded 0 rows", and "unexpected error: ResponseError"
+    empty, garbage = tmp_path / "empty.tsv", tmp_path / "garbage.tsv"
+    empty.write_text("")
+    garbage.write_text("a,b,c\n1,2,3\n")
+    argv = ["features", "load", "--redis", redis_server.url, "--entity-column", "row"]
+    with pytest.raises(ValueError, match=rf"^{empty}: no criteo row to load$"):
+        run_cli([*argv, str(empty)])
+    with pytest.raises(
+        ValueError, match=rf"^{garbage}: no criteo row to load; all 2 lines were skipped \(field_count 2\)$"
+    ):
+        run_cli([*argv, str(garbage)])
+    bad_db = redis_server.url.rsplit("/", 1)[0] + "/99"
+    with pytest.raises(ValueError, match=r"^Redis at redis://127\.0\.0\.1:\d+/99: DB index is out of range$"):
+        run_cli(
+            ["features", "load", "--redis", bad_db, "--entity-column", "row", str(write_criteo(tmp_path / "d.tsv"))]
+        )
+    assert redis_server.client().keys("*") == []
+
+
 def test_load_refuses_bad_arguments_before_touching_redis(tmp_path: Path):
     path = write_criteo(tmp_path / "day.tsv")
     report = LoadReport()
