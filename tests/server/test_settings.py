@@ -32,6 +32,7 @@ def test_environment_is_read_with_the_prefix(tmp_path: Path, monkeypatch: pytest
         ({"LMA_MAX_WAIT_MS": "nan"}, "LMA_MAX_WAIT_MS: Input should be a finite number (got 'nan')"),
         ({"LMA_GC_THRESHOLD": "-1"}, "LMA_GC_THRESHOLD: Input should be greater than or equal to 0 (got '-1')"),
         ({"LMA_REDIS_URL": "localhost:6379"}, "LMA_REDIS_URL: must start with redis://, rediss:// or unix://"),
+        ({"LMA_REDIS_URL": "redis://:bad"}, "LMA_REDIS_URL: Port could not be cast to integer value as 'bad' (the URL"),
         ({"LMA_MODEL_DIR": "/no/such/dir"}, "LMA_MODEL_DIR: /no/such/dir is not a directory"),
         ({"LMA_FEATURE_STORE_PATH": "/no/features.json"}, "LMA_FEATURE_STORE_PATH: /no/features.json is not a file"),
     ],
