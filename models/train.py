@@ -110,6 +110,13 @@ class TrainSettings:
             raise ValueError(f"embedding_l2 must be >= 0, got {self.embedding_l2}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: the cores, shared between local ranks), got {self.threads}")
+        most = max(64, 4 * (os.cpu_count() or 1))  # past the cores threads only contend; far past, they fail to start
+        if self.threads > most:
+            raise ValueError(f"threads must be at most {most} on this machine, got {self.threads}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise ValueError(f"cache_dir {self.cache_dir}: exists and is not a directory")
         if self.device != "auto":
             distributed.resolve_device(self.device)  # refuse cuda where there is none, now rather than in a rank
 

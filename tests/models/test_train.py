@@ -83,6 +83,17 @@ def test_cli_train_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.C
     code = main(["train", "--data", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "r"), "--compression", "0.5"])
     assert code == 2
     assert "compression" in capsys.readouterr().err
+    # each once failed late or obscurely: a segfault starting 100,000 threads, an overflow not naming --seed,
+    # a FileExistsError at the first checkpoint
+    (tmp_path / "file").write_text("")
+    for flags, message in (
+        (["--threads", "100000"], "threads must be at most "),
+        (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
+        (["--seed", str(2**64)], f"seed must be in [0, 2**63), got {2**64}"),
+        (["--cache-dir", str(tmp_path / "file")], f"cache_dir {tmp_path / 'file'}: exists and is not a directory"),
+    ):
+        code = main(["train", "--data", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "r"), *flags])
+        assert code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_train_keeps_a_run_that_is_there(
