@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from models.distributed import env_ranks
+from models.names import EMBEDDING_KINDS
 from models.train import TrainSettings, train
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,24 @@ def _floats(text: str) -> list[float]:
 def run_study(args: argparse.Namespace) -> str:
     if env_ranks()[1] > 1:
         raise ValueError("lma study starts its own ranks (--nproc N); do not run it under torchrun")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     compressions = _floats(args.compressions)
-    seeds = [int(s) for s in _floats(args.seeds)]
+    seed_values = _floats(args.seeds)
+    # every list checked before the first run: a bad entry must not fail the study hours in
+    known = (*EMBEDDING_KINDS, LINEAR)
+    for flag, values in (("--kinds", kinds), ("--compressions", compressions), ("--seeds", seed_values)):
+        if not values:
+            raise ValueError(f"{flag}: empty; give at least one")
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise ValueError(f"--kinds: unknown {unknown}; choose from {', '.join(known)}")
+    if any(kind not in ("full", LINEAR) for kind in kinds) and not all(c >= 1 for c in compressions):
+        raise ValueError(f"--compressions: each must be >= 1 (times smaller than the full table), got {compressions}")
+    if not all(x.is_integer() and 0 <= x < 2**63 for x in seed_values):
+        raise ValueError(f"--seeds: integers in [0, 2**63) only, got {args.seeds!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(x) for x in seed_values]
     records: list[dict[str, Any]] = []
     for seed in seeds:
         for kind in kinds:

@@ -172,3 +172,22 @@ def test_early_stop_counts_validations(synth_file: Path, tmp_path: Path) -> None
         assert len(aucs) == (gains[-1] if gains else -1) + 1 + 2, (stage, aucs, best)
         best = max(best, *aucs)
     assert len(m["epochs"]) < 100
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--kinds", "lma,foo"], "--kinds: unknown ['foo']; choose from full, hash, lma, lr"),
+        (["--kinds", ","], "--kinds: empty; give at least one"),
+        (["--compressions", "16,0.5"], "--compressions: each must be >= 1 (times smaller than the full table)"),
+        (["--seeds", ""], "--seeds: empty; give at least one"),
+        (["--seeds", "1.5"], "--seeds: integers in [0, 2**63) only, got '1.5'"),
+    ],
+)
+def test_cli_study_checks_its_lists_before_the_first_run(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # each once trained the first runs, then failed, or ran nothing and exited 0, or took 1.5 for seed 1
+    code = main(["study", "--data", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "study"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
