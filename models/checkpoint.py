@@ -59,16 +59,25 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         if d.get("format") != RUN_FORMAT:
             raise ValueError(f"config format {d.get('format')!r} is not {RUN_FORMAT!r}")
-        sizes = d["sizes"]
         known = {"format", "schema", "model", "embedding", "sizes", "data_format"}
+
+        def entry(name: str, parse: Any) -> Any:  # an error names the entry it came from
+            if not isinstance(d.get(name), dict):
+                raise ValueError(f"'{name}' must be an object, got {type(d.get(name)).__name__}")
+            try:
+                return parse(d[name])
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                raise ValueError(f"'{name}': {e}") from None
+
+        def sizes(s: dict[str, Any]) -> dict[str, int]:
+            return {k: int(s[k]) if k in ("full_embedding_bytes", "distinct_tokens") else int(s.get(k, 0))
+                    for k in ("full_embedding_bytes", "distinct_tokens", "vocab_size", "table_buckets")}  # fmt: skip
+
         return cls(
-            schema=FeatureSchema.from_dict(d["schema"]),
-            model=model_config_from_dict(d["model"]),
-            embedding=EmbeddingConfig.from_dict(d["embedding"]),
-            full_embedding_bytes=int(sizes["full_embedding_bytes"]),
-            distinct_tokens=int(sizes["distinct_tokens"]),
-            vocab_size=int(sizes.get("vocab_size", 0)),
-            table_buckets=int(sizes.get("table_buckets", 0)),
+            schema=entry("schema", FeatureSchema.from_dict),
+            model=entry("model", model_config_from_dict),
+            embedding=entry("embedding", EmbeddingConfig.from_dict),
+            **entry("sizes", sizes),
             data_format=str(d.get("data_format", "criteo")),
             extra={k: v for k, v in d.items() if k not in known},
         )

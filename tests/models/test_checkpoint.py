@@ -125,6 +125,11 @@ class TestRunFolder:
             (lambda d: {**d, "embedding": {**d["embedding"], "kind": "dense"}}, "kind must be one of"),
             (lambda d: {**d, "model": {**d["model"], "depth": 2}}, "unknown model config entries"),
             (lambda d: [d], "JSON object"),
+            # each entry named (they once read as bare Python errors: "'NoneType' object is not iterable")
+            (lambda d: {**d, "embedding": None}, "'embedding' must be an object, got NoneType"),
+            (lambda d: {**d, "model": {**d["model"], "bottom": "abc"}}, "'model': "),
+            (lambda d: {**d, "embedding": {**d["embedding"], "compression": "x"}}, "'embedding': "),
+            (lambda d: {**d, "sizes": {"distinct_tokens": 5}}, "'sizes': 'full_embedding_bytes'"),
         ],
     )
     def test_bad_config(self, tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
