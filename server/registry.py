@@ -139,7 +139,17 @@ def preflight(settings: Settings) -> None:
     bundle of LMA_MODEL_DIR verified as its load will verify it (manifest, checksums, signature)."""
     resolve_device(settings.runtime, settings.device)
     trust = TrustedKeys.from_files(settings.trusted_keys) if settings.trusted_keys else None
-    for name, path in latest_bundles(settings.model_dir).items():
+    found = latest_bundles(settings.model_dir)
+    if (
+        not found
+        and (settings.model_dir / "config.json").is_file()
+        and (settings.model_dir / "model.safetensors").exists()
+    ):
+        raise BundleError(
+            f"LMA_MODEL_DIR: {settings.model_dir} is a run folder of lma train, not a bundle; export it first"
+            f" (lma export {settings.model_dir} --out artifacts/NAME) and serve that"
+        )
+    for name, path in found.items():
         try:
             bundle = load_bundle(path, trust)
         except BundleError as e:

@@ -14,11 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from export.bundle import BundleError
 from server.app import build_app
 from server.engine import Engine, Prediction
 from server.features import InMemoryFeatureStore
 from server.metrics import Metrics
-from server.registry import ModelRegistry
+from server.registry import ModelRegistry, preflight
 from tests.helpers.serving import (
     ADMIN_TOKEN,
     Bundles,
@@ -204,3 +205,14 @@ async def test_requests_in_flight_during_a_swap_all_succeed(
     assert {p.version for p in after} == {"2"}
     await asyncio.gather(*engine.registry._retiring)
     assert old.retired and old.active == 0 and old.batcher.queued == 0
+
+
+def test_serving_a_run_folder_says_to_export_it(tmp_path: Path) -> None:
+    # `lma serve runs/demo` once started and waited forever for a bundle, saying only "no bundle yet"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"")
+    with pytest.raises(BundleError, match=rf"^LMA_MODEL_DIR: {run} is a run folder of lma train, not a bundle; export"):
+        preflight(settings_for(run))
+    preflight(settings_for(tmp_path / "run" / ".."))  # an empty repository is fine: bundles may come later
