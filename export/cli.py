@@ -111,8 +111,8 @@ def _verify(args: argparse.Namespace) -> int:
     from export.signing import TrustedKeys
 
     trust = TrustedKeys.from_files(args.key)  # a bad key file: exit 2, like any bad input
+    path = resolve_bundle(args.bundle)  # no bundle there: bad input (exit 2), not a refused bundle
     try:
-        path = resolve_bundle(args.bundle)
         bundle = load_bundle(path, trust)
     except BundleError as e:
         reason = getattr(e, "reason", "checksum")

@@ -314,6 +314,9 @@ def test_sign_and_verify_commands(copy: Path, keys: dict[str, Path], capsys: pyt
     assert "REFUSED (file_removed)" in capsys.readouterr().err
     assert main(["verify", str(copy), "--key", str(keys["a.pem"])]) == 2  # a private key is not a trusted key
     assert "is a private key" in capsys.readouterr().err
+    # no bundle there: bad input, not a bundle refused (it once read "REFUSED (checksum)")
+    assert main(["verify", str(copy.parent / "nodir"), "--key", str(keys["a.pub"])]) == 2
+    assert capsys.readouterr().err.startswith(f"lma verify: error: {copy.parent / 'nodir'}")
 
 
 def test_keygen_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
