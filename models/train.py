@@ -113,6 +113,10 @@ class TrainSettings:
         most = max(64, 4 * (os.cpu_count() or 1))  # past the cores threads only contend; far past, they fail to start
         if self.threads > most:
             raise ValueError(f"threads must be at most {most} on this machine, got {self.threads}")
+        if not 0 < self.val_fraction < 1:  # validation picks the checkpoint kept: a run needs some
+            raise ValueError(
+                f"val_fraction must be in (0, 1): validation picks the checkpoint, got {self.val_fraction}"
+            )
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
@@ -126,7 +130,7 @@ class TrainSettings:
 
         model = getattr(args, "model", "dlrm")
         kind = args.embedding or ("hash" if model == "lr" else "lma")
-        compression = args.compression or (1.0 if model == "lr" else 16.0)
+        compression = args.compression if args.compression is not None else (1.0 if model == "lr" else 16.0)
         if model == "lr":
             if args.dim not in (0, 1):
                 raise ValueError(f"--model lr has one weight per token: --dim must be 1 (or 0), got {args.dim}")

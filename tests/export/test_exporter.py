@@ -316,7 +316,7 @@ def test_run_of_another_location_scheme_is_refused(
     assert not (tmp_path / "m").exists()
     config["embedding"]["location_scheme"] = "lma-locations-v3"
     (run.run_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json: location_scheme 'lma-locations-v3' is not supported"):
+    with pytest.raises(ValueError, match=r"config\.json: 'embedding': location_scheme 'lma-locations-v3' is not"):
         export_run(run.run_dir, tmp_path / "m")
 
 

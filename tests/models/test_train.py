@@ -89,6 +89,8 @@ def test_cli_train_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.C
     for flags, message in (
         (["--threads", "100000"], "threads must be at most "),
         (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
+        (["--val-fraction", "0"], "val_fraction must be in (0, 1): validation picks the checkpoint, got 0.0"),
+        (["--compression", "0"], "compression"),  # once silently the default 16x
         (["--seed", str(2**64)], f"seed must be in [0, 2**63), got {2**64}"),
         (["--cache-dir", str(tmp_path / "file")], f"cache_dir {tmp_path / 'file'}: exists and is not a directory"),
     ):
