@@ -265,6 +265,8 @@ def synthesize(
     path = Path(out)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    if path.is_dir():  # it once wrote the whole file, then failed to rename it there (IsADirectoryError)
+        raise ValueError(f"--out {path}: is a directory; name the file to write (e.g. {path / 'synth.tsv'})")
 
     t0 = time.perf_counter()
     model = _Model(cardinalities, p, np.random.default_rng([seed, 0]))

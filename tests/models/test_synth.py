@@ -168,3 +168,7 @@ def test_params_validation() -> None:
         SynthParams(dense_log_means=(1.0, 2.0))
     with pytest.raises(FileNotFoundError, match="output folder does not exist"):
         synthesize(Path("/nonexistent-dir/x.tsv"), rows=10)
+    with pytest.raises(
+        ValueError, match=r"--out /tmp: is a directory; name the file to write \(e\.g\. /tmp/synth\.tsv\)"
+    ):
+        synthesize(Path("/tmp"), rows=10)
