@@ -27,6 +27,31 @@ FALLBACK_OUTPUT = "fallback_tokens"
 OUTPUT_NAMES = (PROBABILITY_OUTPUT, FALLBACK_OUTPUT)  # in graph order
 BATCH_DIM = "batch"  # the name of the dynamic batch dimension, in the graphs and the manifest
 
+# Where each graph records the feature schema it was exported for (sha256 of :func:`schema_digest`): ONNX
+# metadata_props / a TorchScript extra file. The manifest carries the schema the server featurizes with, and is
+# no file the manifest can checksum: an edit of its hash_seed would score other keys without a word. Graphs are
+# checksummed, so the runtimes compare the two at load (bundles exported before this have no record: not checked).
+SCHEMA_DIGEST_KEY = "lma.schema_sha256"
+
+
+def schema_digest(schema: FeatureSchema) -> str:
+    """sha256 (hex) of the schema's manifest form, canonical JSON."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(schema.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_schema_digest(where: str, recorded: str | None, schema: FeatureSchema) -> None:
+    """Raise ValueError when the graph at ``where`` recorded another schema than ``schema`` (None: no record)."""
+    if recorded is not None and recorded != schema_digest(schema):
+        raise ValueError(
+            f"{where}: the graph was exported for another feature schema (sha256 {recorded[:16]}...) than"
+            f" manifest.json gives (sha256 {schema_digest(schema)[:16]}...): the manifest was changed after export;"
+            " export the run again"
+        )
+
+
 # runtime name (the server's LMA_RUNTIME) -> the file of its graph inside a bundle
 RUNTIME_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 RUNTIMES = tuple(RUNTIME_FILES)  # ("onnx", "torchscript")

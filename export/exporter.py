@@ -121,7 +121,7 @@ def export_run(
     tmp.mkdir()
     try:
         ts_path, onnx_path = tmp / RUNTIME_FILES["torchscript"], tmp / RUNTIME_FILES["onnx"]
-        export_torchscript(model, ts_path)
+        export_torchscript(model, cfg.schema, ts_path)
         export_onnx(model, cfg.schema, onnx_path, onnx_exporter)
         cases = random_cases(model, cfg.schema) + data_cases(cfg)
         parity = verify_parity(model, ts_path, onnx_path, cases, tolerance)

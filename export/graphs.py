@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from export.bundle import BundleError
-from export.contract import BATCH_DIM, DENSE_INPUT, INPUT_NAMES, OUTPUT_NAMES
+from export.contract import BATCH_DIM, DENSE_INPUT, INPUT_NAMES, OUTPUT_NAMES, SCHEMA_DIGEST_KEY, schema_digest
 from models.schema import KEY_MASK, FeatureSchema
 
 ONNX_OPSET = 18
@@ -46,8 +46,9 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
     return torch.jit.script(model.eval())
 
 
-def export_torchscript(model: nn.Module, path: Path) -> None:
-    torch.jit.save(script_model(model), str(path))
+def export_torchscript(model: nn.Module, schema: FeatureSchema, path: Path) -> None:
+    """Write ``model`` as TorchScript, recording the schema it takes (:data:`export.contract.SCHEMA_DIGEST_KEY`)."""
+    torch.jit.save(script_model(model), str(path), _extra_files={SCHEMA_DIGEST_KEY: schema_digest(schema)})
 
 
 def export_onnx(model: nn.Module, schema: FeatureSchema, path: Path, exporter: str = DEFAULT_ONNX_EXPORTER) -> None:
@@ -102,6 +103,7 @@ def export_onnx(model: nn.Module, schema: FeatureSchema, path: Path, exporter: s
                 program.save(str(raw))
         proto = onnx.load(str(raw))  # pulls in any external data the exporter wrote
         _ensure_dense_input(proto, schema)
+        proto.metadata_props.add(key=SCHEMA_DIGEST_KEY, value=schema_digest(schema))
         weights = sum(len(t.raw_data) for t in proto.graph.initializer)
         if weights > EXTERNAL_DATA_BYTES:
             onnx.save_model(

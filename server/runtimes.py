@@ -32,7 +32,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from export.bundle import Bundle
-from export.contract import DENSE_INPUT, INPUT_NAMES, KEYS_INPUT, OUTPUT_NAMES
+from export.contract import (
+    DENSE_INPUT,
+    INPUT_NAMES,
+    KEYS_INPUT,
+    OUTPUT_NAMES,
+    SCHEMA_DIGEST_KEY,
+    check_schema_digest,
+)
 from export.onnx_runtime import session_options
 from models.extras import MissingExtra, check
 from server.types import Batch, Scores
@@ -151,6 +158,8 @@ class OnnxRuntime(Runtime):
         _check_names(
             bundle, [i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()]
         )
+        recorded = self._session.get_modelmeta().custom_metadata_map.get(SCHEMA_DIGEST_KEY)
+        check_schema_digest(str(bundle.file(self.name)), recorded, bundle.schema)
         self._binding = self._session.io_binding() if cuda else None
         self._capacity = 0
         self._out: dict[str, Any] = {}
@@ -210,7 +219,16 @@ class TorchScriptRuntime(Runtime):
         self._torch = torch
         self._device = torch.device("cuda:0" if device == "cuda" else "cpu")
         # The verified bytes, not the file by name: a TorchScript file is code, and must be exactly the checked one.
-        self._module = torch.jit.load(io.BytesIO(bundle.read_verified(self.name)), map_location=self._device).eval()
+        extra = {SCHEMA_DIGEST_KEY: ""}
+        self._module = torch.jit.load(
+            io.BytesIO(bundle.read_verified(self.name)), map_location=self._device, _extra_files=extra
+        ).eval()
+        recorded = extra[SCHEMA_DIGEST_KEY]
+        check_schema_digest(
+            str(bundle.file(self.name)),
+            (recorded.decode() if isinstance(recorded, bytes) else recorded) or None,
+            bundle.schema,
+        )
         graph_inputs = [i.debugName().split(".")[0] for i in list(self._module.graph.inputs())[1:]]
         _check_names(bundle, graph_inputs, list(OUTPUTS))
 
