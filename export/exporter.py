@@ -101,9 +101,10 @@ def export_run(
     for place, what in ((out_dir, "--out"), (triton, "--triton")):
         if place is not None and place.exists() and not place.is_dir():
             raise BundleError(f"{what} {place}: exists and is not a directory")
-    if out_dir.is_dir() and model_folders(out_dir):
+    models = model_folders(out_dir) if out_dir.is_dir() else []
+    if models:
         raise BundleError(
-            f"{out_dir}: holds model folders ({', '.join(model_folders(out_dir))}), so it is a repository of"
+            f"{out_dir}: holds model folders ({', '.join(models)}), so it is a repository of"
             f" models, not one model's folder; export to {out_dir}/NAME (its name is the model's)"
         )
     if not tolerance >= 0:

@@ -70,8 +70,12 @@ class RunConfig:
                 raise ValueError(f"'{name}': {e}") from None
 
         def sizes(s: dict[str, Any]) -> dict[str, int]:
-            return {k: int(s[k]) if k in ("full_embedding_bytes", "distinct_tokens") else int(s.get(k, 0))
-                    for k in ("full_embedding_bytes", "distinct_tokens", "vocab_size", "table_buckets")}  # fmt: skip
+            return {
+                "full_embedding_bytes": int(s["full_embedding_bytes"]),
+                "distinct_tokens": int(s["distinct_tokens"]),
+                "vocab_size": int(s.get("vocab_size", 0)),
+                "table_buckets": int(s.get("table_buckets", 0)),
+            }
 
         return cls(
             schema=entry("schema", FeatureSchema.from_dict),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,8 +136,8 @@ class Engine:
                 time.monotonic(), deadline, ahead_s=self.occupancy.wait_s(), max_wait_s=self.max_queue_delay_s
             )
 
-    async def read_body(self, ticket: Ticket, read: Callable[[], Awaitable[bytes]]) -> bytes:
-        """``await read()``, a body that is still on its way, by the ticket's deadline (else :class:`BodyTimeout`).
+    async def read_body(self, ticket: Ticket, read: Awaitable[bytes]) -> bytes:
+        """``await read``, a body that is still on its way, by the ticket's deadline (else :class:`BodyTimeout`).
 
         While it waits on the client, the request is not counted in this process (:meth:`Occupancy.step_out`)
         nor as coming to its model's queue: a stalled upload is no work of ours, and counting it would refuse
@@ -149,7 +149,7 @@ class Engine:
             batcher.leave()
         try:
             async with asyncio.timeout(max(0.0, ticket.deadline - time.monotonic())):
-                return await read()
+                return await read
         except TimeoutError:
             waited = (time.monotonic() - ticket.arrival) * 1000
             raise BodyTimeout(

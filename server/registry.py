@@ -22,7 +22,6 @@ at start, that signatures are not checked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -245,24 +244,9 @@ class ModelRegistry:
                 )  # fmt: skip
                 self._record(result, reason, logging.ERROR)
                 return result
-            try:  # before the swap, with no await in between: a version whose gauges cannot be set never serves
-                self.metrics.set_model(
-                    name, new.version, new.runtime.name, new.runtime.device, new.embedding, new.bundle.memory
-                )
-            except Exception as e:
-                await asyncio.to_thread(new.runtime.close)
-                with contextlib.suppress(KeyError):  # its info series, if set before the failure
-                    self.metrics.clear_model(name, *new.info_labels)
-                if old is not None:
-                    self.metrics.set_model(
-                        name, old.version, old.runtime.name, old.runtime.device, old.embedding, old.bundle.memory
-                    )
-                result = SwapResult(
-                    name, "failed", previous, previous, str(path), f"{path}: cannot report its memory: {e!r}",
-                    time.perf_counter() - start,
-                )  # fmt: skip
-                self._record(result, reason, logging.ERROR)
-                return result
+            # the gauges of the new version (its memory entries were checked with its manifest), then the swap,
+            # with no await in between
+            self.metrics.set_model(name, *new.info_labels, new.bundle.memory)
             new.batcher.start()
             self._models[name] = new  # the swap: requests arriving from now on get the new version
             if old is not None:

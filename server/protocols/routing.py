@@ -61,9 +61,7 @@ class ScoringRequest:
         """The body. Read at once when the HTTP protocol already holds all of it (``lma serve``: nearly always);
         else waited for by the request's deadline, and not counted as work meanwhile (:meth:`Engine.read_body`)."""
         read = receive_body(self.scope["headers"], self.receive, self.max_body_bytes)
-        if self.scope.get(BODY_READ):
-            return read
-        return self.engine.read_body(self.ticket, lambda: read)
+        return read if self.scope.get(BODY_READ) else self.engine.read_body(self.ticket, read)
 
     def wait(self, awaitable: Awaitable[Any]) -> Awaitable[Any]:
         """``awaitable``, cancelled if the client goes away meanwhile (:class:`~server.errors.ClientDisconnected`)."""
