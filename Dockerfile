@@ -90,7 +90,10 @@ RUN groupadd --system --gid 10001 lma \
 COPY --from=build /opt/venv /opt/venv
 USER lma
 WORKDIR /home/lma
-ENV LMA_MODEL_DIR=/models
+# Numba's compiled kernels (models/jit.py) are cached under /tmp: the installed package is not writable here, and
+# the Kubernetes pod's root filesystem is read-only (deploy/k8s/deployment.yaml mounts an emptyDir at /tmp).
+ENV LMA_MODEL_DIR=/models \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 EXPOSE 8000
 # Ready = models loaded and warmed up (503 before); urlopen raises on any non-2xx answer.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
