@@ -6,7 +6,7 @@ NumPy memory maps or torch:
 
 - :mod:`models.data.formats`: the file formats, skip reasons and :class:`~models.data.formats.ReadStats`;
 - :mod:`models.data.lines`: bytes -> blocks of clean text lines (gzip, BOM, CRLF, bad bytes, overlong lines);
-- :mod:`models.data.parse`: a block of lines -> columns, with pyarrow's CSV reader;
+- :mod:`models.data.parse`: a block of lines -> columns, in one compiled pass (Numba);
 - :mod:`models.data.keys`: categorical columns -> token keys, through a per-thread cache of the schema's hash;
 - :mod:`models.data.reader`: the public readers :func:`~models.data.reader.iter_raw` (raw values) and
   :func:`~models.data.reader.iter_chunks` (model-ready arrays), blocks parsed on a thread pool;

@@ -3,8 +3,8 @@
     from models.data.reader import ReadStats, iter_chunks, iter_raw, schema_for_format
 
 Blocks of lines are read and cleaned in the calling thread (:mod:`models.data.lines`: gzip, BOM, CRLF,
-bad bytes, overlong lines) and parsed on a pool of worker threads (:mod:`models.data.parse`, pyarrow's
-CSV reader, which runs without the GIL); for :func:`iter_chunks` the workers also hash the values and
+bad bytes, overlong lines) and parsed on a pool of worker threads (:mod:`models.data.parse`, one compiled
+pass per block, which runs without the GIL); for :func:`iter_chunks` the workers also hash the values and
 transform the dense features. At most ``workers + 1`` blocks are in flight, and results come back in
 file order, so memory stays constant however large the file and the output does not depend on the
 number of workers. A malformed line (wrong field count, bad label, non-numeric dense value, bad hour,
@@ -33,7 +33,7 @@ import numpy as np
 from models.data.formats import FORMATS, Format, ReadStats, check_schema, schema_for_format, spec
 from models.data.keys import KeyCache
 from models.data.lines import text_blocks
-from models.data.parse import Block, Plan, factorize, line_end, parse_block
+from models.data.parse import Block, factorize, line_end, parse_block
 from models.schema import FeatureSchema, transform_dense
 
 __all__ = ["FORMATS", "Chunk", "RawRow", "ReadStats", "iter_chunks", "iter_raw", "schema_for_format"]
@@ -78,10 +78,10 @@ def default_workers() -> int:
 
 
 def _work(
-    data: bytes, fmt: Format, want_ids: bool, finish: Callable[[Block], Any] | None, plan: Plan
+    data: bytes, fmt: Format, want_ids: bool, finish: Callable[[Block], Any] | None
 ) -> tuple[Block, ReadStats, Any]:
     stats = ReadStats()
-    block = parse_block(data, fmt, stats, want_ids, plan)
+    block = parse_block(data, fmt, stats, want_ids)
     return block, stats, finish(block) if finish is not None else None
 
 
@@ -103,7 +103,6 @@ def _blocks(
         raise ValueError(f"max_rows must be >= 0 (0: all rows), got {max_rows}")
     workers = workers or default_workers()
     remaining = max_rows or -1
-    plan = Plan()
     blocks = text_blocks(Path(path), fmt)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="lma-parse")
     pending: deque[tuple[bytes, ReadStats, Future[tuple[Block, ReadStats, Any]] | None]] = deque()
@@ -116,7 +115,7 @@ def _blocks(
                     exhausted = True
                 else:
                     data, line_stats = item
-                    future = pool.submit(_work, data, fmt, want_ids, finish, plan) if data else None
+                    future = pool.submit(_work, data, fmt, want_ids, finish) if data else None
                     pending.append((data, line_stats, future))
             if not pending:
                 return
@@ -126,9 +125,7 @@ def _blocks(
                 continue
             block, block_stats, out = future.result()
             if 0 <= remaining < len(block):  # the limit falls inside this block: parse only up to its last row
-                block, block_stats, out = _work(
-                    data[: line_end(data, block, remaining - 1)], fmt, want_ids, finish, plan
-                )
+                block, block_stats, out = _work(data[: line_end(block, remaining - 1)], fmt, want_ids, finish)
             stats.add(block_stats)
             if len(block):
                 yield block, out
@@ -182,7 +179,7 @@ def _chunk_of(block: Block, caches: _ThreadKeyCaches) -> Chunk:
     cache = caches.cache
     keys = np.empty((block.parsed_rows, cache.schema.num_fields), np.int64)  # (parsed, F)
     for f, column in enumerate(block.categorical):
-        keys[:, f] = cache.keys(f, column)
+        cache.keys(f, column, keys[:, f])
     dense, labels = block.dense, block.labels
     if not block.all_good:
         keys, dense, labels = keys[block.kept], dense[block.kept], labels[block.kept]
