@@ -39,7 +39,6 @@ from export.bundle import (
     resolve_bundle,
 )
 from export.signing import TrustedKeys
-from models.schema import warm_kernels
 from server import heap
 from server.batcher import Batcher
 from server.errors import InvalidInput, ModelNotFound
@@ -274,7 +273,6 @@ class ModelRegistry:
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         s = self.settings
-        warm_kernels()  # the binary v2 route's key lookup: compiled (or loaded) here, not at a first request
         runtime = create_runtime(bundle, self.runtime, self.device, runtime_threads(s))
         try:
             runtime.warmup(sorted({1, min(8, s.max_batch_size), s.max_batch_size}))
