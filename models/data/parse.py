@@ -126,7 +126,7 @@ def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, pa
                         w |= np.uint64(buf[p + k]) << np.uint64(8 * k)
                     e = buf[p + 8]
                     if (e == sep or e == 10) and not (_has_byte(w, sep) or _has_byte(w, 10)):
-                        packed[row, j] = w
+                        packed[j, row] = w
                         p += 8
                         if c < ncols - 1:
                             if e == 10:  # too few fields
@@ -146,7 +146,7 @@ def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, pa
                     p += 1
                 if p - s > 8:
                     wide[j] = True
-                packed[row, j] = w
+                packed[j, row] = w
             elif role == 2:  # dense: [-]digits
                 neg = buf[p] == 45
                 if neg:
@@ -323,7 +323,7 @@ def parse_block(data: bytes, fmt: Format, stats: ReadStats, want_ids: bool = Fal
     line_starts, line_ends = np.empty(cap, np.int64), np.empty(cap, np.int64)
     codes, odd = np.empty(cap, np.int8), np.empty(cap, np.bool_)
     dense = np.empty((cap, len(fmt.dense_columns)), np.float64)
-    packed = np.empty((cap, len(layout.packed_columns)), np.uint64)
+    packed = np.empty((len(layout.packed_columns), cap), np.uint64)  # column-major: each column contiguous
     wide = np.zeros(len(layout.packed_columns), np.bool_)
     n, blank, wrong = _scan(
         buf, layout.sep, layout.roles, layout.slots,
@@ -349,7 +349,7 @@ def parse_block(data: bytes, fmt: Format, stats: ReadStats, want_ids: bool = Fal
         bad |= bad_dense
 
     columns: list[np.ndarray | Column] = [
-        _text_column(_fields(data, fmt, line_starts, line_ends, c)) if wide[j] else packed[:n, j]
+        _text_column(_fields(data, fmt, line_starts, line_ends, c)) if wide[j] else packed[j, :n]
         for j, c in enumerate(layout.packed_columns)
     ]
     categorical = columns[: len(fmt.categorical_columns)]
