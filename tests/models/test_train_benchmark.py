@@ -62,6 +62,7 @@ def test_ingest_benchmark_runs_both_readers_and_checks_they_agree(
     report = benchmark.bench_ingest(_ingest_args(tmp_path))
     assert report.startswith("2,999 rows of rows.tsv")
     assert "outputs identical in every round" in report
+    assert "untimed first read of 1,000 rows before round 1: old " in report
     table = [line for line in report.splitlines() if line.startswith("| `")]
     assert [line.split("|")[1].strip() for line in table] == ["`iter_chunks`", "`prepare`"]
     assert not list(tmp_path.glob("lma-bench-cache-*"))  # the prepare rounds' caches are removed
