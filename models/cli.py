@@ -5,6 +5,7 @@ Registration imports nothing heavy; each handler imports what it needs.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,11 @@ def _check_run_folder(out: Path, overwrite: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # "/" always exists
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
     held = [name for name in (CONFIG_FILE, WEIGHTS_FILE, "metrics.json") if (out / name).exists()]
     if held and not overwrite:
         raise ValueError(

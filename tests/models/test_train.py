@@ -119,6 +119,12 @@ def test_cli_train_keeps_a_run_that_is_there(
     assert (
         capsys.readouterr().err.strip() == f"lma train: error: --out {tmp_path / 'file'}: exists and is not a directory"
     )
+    # a path through a file: once a traceback at the first checkpoint, after the training
+    assert main([*args, "--out", str(tmp_path / "file" / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lma train: error: --out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, so no folder can be"
+        " made under it"
+    )
     # validation rows of one label: no AUC, so no best checkpoint; refused before any training
     one_class = tmp_path / "zeros.tsv"
     one_class.write_text("".join("0" + line[1:] for line in synth_file.read_text().splitlines(keepends=True)[:3000]))
