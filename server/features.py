@@ -16,7 +16,7 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TextIO, runtime_checkable
 
 from server.settings import Settings
 
@@ -60,10 +60,13 @@ class InMemoryFeatureStore:
         path = Path(path)
         if path.suffix.lower() == ".csv":
             with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or ENTITY_COLUMN not in reader.fieldnames:
-                    raise ValueError(f"{path}: a feature CSV needs a header row with an {ENTITY_COLUMN!r} column")
-                return cls({r[ENTITY_COLUMN]: {k: v for k, v in r.items() if k != ENTITY_COLUMN and v} for r in reader})
+                reader = _csv_rows(path, f)
+                try:
+                    return cls(
+                        {r[ENTITY_COLUMN]: {k: v for k, v in r.items() if k != ENTITY_COLUMN and v} for r in reader}
+                    )
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: not UTF-8 text ({e})") from None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -73,6 +76,20 @@ class InMemoryFeatureStore:
         if isinstance(data, list) and all(isinstance(r, dict) and ENTITY_COLUMN in r for r in data):
             return cls({str(r[ENTITY_COLUMN]): {k: v for k, v in r.items() if k != ENTITY_COLUMN} for r in data})
         raise ValueError(f"{path}: expected {{entity: {{feature: value}}}} or [{{'entity': ..., feature: value}}]")
+
+    @classmethod
+    def check_file(cls, path: Path) -> None:
+        """What :meth:`from_file` would refuse, for ``lma serve``'s start-up check: a CSV's header row only
+        (its rows are read once, by each worker); a JSON file is read whole, as it must be to be checked."""
+        path = Path(path)
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                try:
+                    _csv_rows(path, f)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        else:
+            cls.from_file(path)
 
     @property
     def available(self) -> bool:
@@ -90,6 +107,14 @@ class InMemoryFeatureStore:
 
     async def close(self) -> None:
         return None
+
+
+def _csv_rows(path: Path, f: TextIO) -> csv.DictReader[str]:
+    """The rows of a feature CSV, its header row checked first (it must name the entity column)."""
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None or ENTITY_COLUMN not in reader.fieldnames:
+        raise ValueError(f"{path}: a feature CSV needs a header row with an {ENTITY_COLUMN!r} column")
+    return reader
 
 
 def open_feature_store(settings: Settings) -> FeatureStore:

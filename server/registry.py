@@ -42,6 +42,7 @@ from export.signing import TrustedKeys
 from server import heap
 from server.batcher import Batcher
 from server.errors import InvalidInput, ModelNotFound
+from server.features import InMemoryFeatureStore
 from server.featurize import Featurizer
 from server.metrics import Metrics
 from server.runtimes import Runtime, create_runtime, resolve_device
@@ -134,9 +135,14 @@ class SwapResult:
 
 def preflight(settings: Settings) -> None:
     """What start-up would refuse, checked by ``lma serve`` before any worker starts, so that it ends with one
-    line naming the cause (exit 2) instead of a worker's traceback: the device, the trusted keys, and every
-    bundle of LMA_MODEL_DIR verified as its load will verify it (manifest, checksums, signature)."""
+    line naming the cause (exit 2) instead of a worker's traceback: the device, the feature file, the trusted keys,
+    and every bundle of LMA_MODEL_DIR verified as its load will verify it (manifest, checksums, signature)."""
     resolve_device(settings.runtime, settings.device)
+    if settings.feature_store_path is not None and not settings.redis_url:
+        try:
+            InMemoryFeatureStore.check_file(settings.feature_store_path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"LMA_FEATURE_STORE_PATH: {e}") from None
     trust = TrustedKeys.from_files(settings.trusted_keys) if settings.trusted_keys else None
     found = latest_bundles(settings.model_dir)
     if (

@@ -216,3 +216,26 @@ def test_serving_a_run_folder_says_to_export_it(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=rf"^LMA_MODEL_DIR: {run} is a run folder of lma train, not a bundle; export"):
         preflight(settings_for(run))
     preflight(settings_for(tmp_path / "run" / ".."))  # an empty repository is fine: bundles may come later
+
+
+def test_a_feature_file_the_store_cannot_read_is_refused_before_start(tmp_path: Path) -> None:
+    # a CSV without the entity column was a lifespan traceback in every worker
+    no_entity = tmp_path / "features.csv"
+    no_entity.write_text("user,I1\nu1,3\n")
+    with pytest.raises(ValueError, match=rf"^LMA_FEATURE_STORE_PATH: {no_entity}: a feature CSV needs a header row"):
+        preflight(settings_for(tmp_path, feature_store_path=no_entity))
+    text = tmp_path / "text.csv"
+    text.write_bytes(b"entity,C1\n")
+    preflight(settings_for(tmp_path, feature_store_path=text))  # rows are not read: each worker reads them once
+    text.write_bytes(b"\xe9ntity,C1\n")
+    with pytest.raises(ValueError, match=rf"^LMA_FEATURE_STORE_PATH: {text}: not UTF-8 text"):
+        preflight(settings_for(tmp_path, feature_store_path=text))
+    broken = tmp_path / "features.json"
+    broken.write_text('{"u1": {"I1": 3}')
+    with pytest.raises(ValueError, match=rf"^LMA_FEATURE_STORE_PATH: {broken}: not valid JSON"):
+        preflight(settings_for(tmp_path, feature_store_path=broken))
+    broken.write_text('[{"I1": 3}]')
+    with pytest.raises(ValueError, match=rf"^LMA_FEATURE_STORE_PATH: {broken}: expected"):
+        preflight(settings_for(tmp_path, feature_store_path=broken))
+    broken.write_text('{"u1": {"I1": 3}}')
+    preflight(settings_for(tmp_path, feature_store_path=broken))
