@@ -96,9 +96,21 @@ class LmaApp(FastAPI):
     max_body_bytes: int
     max_timeout_s: float
 
+    def _lifespan_send(self, send: Send) -> Send:
+        """A start-up refused for a known cause (``state.startup_error``, set by the lifespan) is reported as that
+        one line, which the server logs, not as the traceback Starlette puts in ``lifespan.startup.failed``."""
+
+        async def lifespan_send(message: Message) -> None:
+            error = getattr(self.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and error:
+                message = {**message, "message": error}
+            await send(message)
+
+        return lifespan_send
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, self._lifespan_send(send) if scope["type"] == "lifespan" else send)
             return
         start = time.perf_counter()
         request_id = client_request_id(scope["headers"]) or new_request_id()
@@ -181,12 +193,18 @@ def build_app(settings: Settings) -> LmaApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_feature_store(settings)
+        try:
+            store = open_feature_store(settings)
+        except (OSError, ValueError) as e:
+            app.state.startup_error = f"LMA_FEATURE_STORE_PATH: {e}"
+            raise
         registry = ModelRegistry(settings, metrics)
         engine = Engine(registry, store, settings, metrics)
         try:
             await registry.load_repository()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, ValueError):  # a model that cannot be served (its load failure is logged too)
+                app.state.startup_error = str(e)
             await engine.close()
             raise
         app.state.engine = engine

@@ -239,3 +239,45 @@ def test_a_feature_file_the_store_cannot_read_is_refused_before_start(tmp_path: 
         preflight(settings_for(tmp_path, feature_store_path=broken))
     broken.write_text('{"u1": {"I1": 3}}')
     preflight(settings_for(tmp_path, feature_store_path=broken))
+
+
+async def _startup_failure(app: object) -> dict[str, object]:
+    """Run an ASGI app's lifespan start-up; the message it sends."""
+    inbox: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    await inbox.put({"type": "lifespan.shutdown"})  # reached only if start-up succeeded: then no hang, a failure
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return await inbox.get()
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    with pytest.raises(ValueError):
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)  # type: ignore[operator]
+    return sent[-1]
+
+
+async def test_a_start_up_refused_for_a_known_cause_reports_one_line_not_a_traceback(
+    bundles: Bundles, tmp_path: Path
+) -> None:
+    # a model the runtime refuses at load (here: a manifest edited after export) was a traceback per worker
+    repo = tmp_path / "repo"
+    shutil.copytree(bundles.criteo_v1.path, repo / "criteo" / "1")
+    manifest = repo / "criteo" / "1" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["schema"]["hash_seed"] += 1000
+    manifest.write_text(json.dumps(data))
+    message = await _startup_failure(build_app(settings_for(repo)))
+    assert message["type"] == "lifespan.startup.failed"
+    text = str(message["message"])
+    assert text.startswith("LMA_MODEL_DIR: model 'criteo' could not be loaded: ") and "\n" not in text
+    assert text.endswith("the manifest was changed after export; export the run again")
+    store = tmp_path / "features.csv"
+    store.write_text("user,I1\n")
+    message = await _startup_failure(build_app(settings_for(repo, feature_store_path=store)))
+    assert (
+        message["message"]
+        == f"LMA_FEATURE_STORE_PATH: {store}: a feature CSV needs a header row with an 'entity' column"
+    )
