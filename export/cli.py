@@ -162,6 +162,6 @@ def summary(manifest: dict[str, Any], path: Path, seconds: float, triton: Path |
         f" embedding part {onnx['embedding_node_count']}: {onnx['embedding_op_types']}"
     )
     if triton is not None:
-        lines.append(f"triton: {Path(triton) / manifest['name']}/config.pbtxt + 1/model.onnx")
+        lines.append(f"triton: {Path(triton) / manifest['name']}/config.pbtxt + {manifest['version']}/model.onnx")
     lines.append(f"seconds: {seconds:.2f}")
     return "\n".join(lines)

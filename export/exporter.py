@@ -78,7 +78,7 @@ def export_run(
         run_dir: a run folder of ``lma train`` (config.json + model.safetensors).
         out_dir: the model's folder; its name is the model name.
         version: a positive integer as text; None: the next one after the highest existing.
-        triton: also write a Triton model repository entry ``triton/NAME/``.
+        triton: also write the Triton model repository entry ``triton/NAME/VERSION/`` (and its config).
         tolerance: largest accepted max |diff| of ``probability`` between any two runtimes.
         onnx_exporter: ``legacy`` or ``dynamo`` (see :func:`export.graphs.export_onnx`).
         triton_max_batch_size: ``max_batch_size`` of the Triton config.
@@ -115,6 +115,14 @@ def export_run(
     final = out_dir / version
     if final.exists():
         raise BundleError(f"{final}: already exists; bundle versions are immutable, export a new version")
+    if triton is not None:
+        from export.triton import triton_version_dir
+
+        if triton_version_dir(triton, name, version).exists():
+            raise BundleError(
+                f"--triton: {triton_version_dir(triton, name, version)} already exists; Triton versions are not"
+                " overwritten (the Triton version is the bundle's)"
+            )
 
     model, cfg = load_run(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

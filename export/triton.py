@@ -1,4 +1,8 @@
-"""Triton / KServe model-repository entry of a bundle: ``REPO/NAME/config.pbtxt`` + ``REPO/NAME/1/model.onnx``.
+"""Triton / KServe model-repository entry of a bundle: ``REPO/NAME/config.pbtxt`` + ``REPO/NAME/VERSION/model.onnx``.
+
+The Triton version is the bundle's (both are positive integers), so exporting a new bundle version adds a
+version beside the ones Triton serves (its default policy serves the latest), and an existing version is
+never overwritten: versions are immutable in both repositories.
 
 A user who outgrows the Python server serves the very same ONNX graph on Triton's ONNX Runtime
 backend with server-side dynamic batching. The config names the graph's tensors with the batch
@@ -18,7 +22,6 @@ from pathlib import Path
 from export.bundle import Bundle, BundleError
 from export.contract import DENSE_INPUT, RUNTIME_FILES
 
-TRITON_VERSION_DIR = "1"
 CONFIG_FILE = "config.pbtxt"
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
@@ -82,16 +85,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def triton_version_dir(repo: Path, name: str, version: str) -> Path:
+    """``REPO/NAME/VERSION``, the Triton version directory of a bundle version."""
+    return Path(repo) / name / version
+
+
 def write_triton(bundle: Bundle, repo: Path, max_batch_size: int = 1024) -> Path:
-    """Write ``repo/NAME/config.pbtxt`` and ``repo/NAME/1/model.onnx``; returns ``repo/NAME``."""
-    model_dir = Path(repo) / bundle.name
-    (model_dir / TRITON_VERSION_DIR).mkdir(parents=True, exist_ok=True)
-    version_dir = model_dir / TRITON_VERSION_DIR
-    external = bundle.manifest["onnx"].get("external_data")
-    if external:  # copied first: the graph must never be visible without its weights
-        tmp = version_dir / f".{external}.tmp-{os.getpid()}"
-        shutil.copyfile(bundle.path / external, tmp)
-        tmp.replace(version_dir / external)
-    _write_atomic(version_dir / RUNTIME_FILES["onnx"], _onnx_for_triton(bundle))
+    """Write ``repo/NAME/VERSION/model.onnx`` and (re)write ``repo/NAME/config.pbtxt``; returns ``repo/NAME``.
+
+    Raises:
+        BundleError: that version is already in the Triton repository.
+    """
+    version_dir = triton_version_dir(repo, bundle.name, bundle.version)
+    model_dir = version_dir.parent
+    if version_dir.exists():
+        raise BundleError(f"--triton: {version_dir} already exists; Triton versions are not overwritten")
+    tmp = model_dir / f".tmp-{bundle.version}-{os.getpid()}"  # hidden, and no number: never taken for a version
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        external = bundle.manifest["onnx"].get("external_data")
+        if external:
+            shutil.copyfile(bundle.path / external, tmp / external)
+        (tmp / RUNTIME_FILES["onnx"]).write_bytes(_onnx_for_triton(bundle))
+        os.rename(tmp, version_dir)  # the version appears whole (the graph never without its weights) or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _write_atomic(model_dir / CONFIG_FILE, triton_config(bundle, max_batch_size).encode("utf-8"))
     return model_dir

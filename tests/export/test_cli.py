@@ -33,7 +33,7 @@ def test_export_command_writes_bundle_and_triton_and_prints_summary(
     assert "embedding compression 2.00x" in text
     assert re.search(r"parity: 3 cases \(random/b1, random/b7, random/b1024\), worst \w+ on random/b\d+", text)
     assert re.search(r"onnx: opset 18 \(legacy exporter\), \d+ nodes", text)
-    assert f"triton: {repo / 'ctr'}/config.pbtxt" in text
+    assert f"triton: {repo / 'ctr'}/config.pbtxt + 1/model.onnx" in text
     assert re.search(r"seconds: \d+\.\d\d$", text.strip())
     assert (repo / "ctr" / "config.pbtxt").is_file() and (repo / "ctr" / "1" / "model.onnx").is_file()
 

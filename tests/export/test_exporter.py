@@ -393,7 +393,19 @@ def test_large_graphs_keep_weights_in_one_external_file(
     assert (triton_dir / "model.onnx.data").read_bytes() == (bundle.path / "model.onnx.data").read_bytes()
     triton_out = cpu_session(triton_dir / "model.onnx", threads=1).run(None, {"dense": dense, "keys": keys})
     np.testing.assert_array_equal(triton_out[0], out["onnx"][0])
-    write_triton(bundle, tmp_path / "triton")  # rewriting an entry is fine
+    # Triton versions are the bundle's and immutable: a second export adds version 2 beside 1
+    with pytest.raises(BundleError, match=r"^--triton: .*/triton/m/1 already exists; Triton versions are not"):
+        write_triton(bundle, tmp_path / "triton")
+    second = export_run(run.run_dir, tmp_path / "m", triton=tmp_path / "triton")
+    assert second.version == "2"
+    assert sorted(p.name for p in (tmp_path / "triton" / "m").iterdir()) == ["1", "2", "config.pbtxt"]
+    assert (tmp_path / "triton" / "m" / "2" / "model.onnx.data").read_bytes() == (
+        second.path / "model.onnx.data"
+    ).read_bytes()
+    shutil.rmtree(second.path)  # the bundle gone, its Triton version left: refused before any work
+    with pytest.raises(BundleError, match=r"^--triton: .*/triton/m/2 already exists; Triton versions are not"):
+        export_run(run.run_dir, tmp_path / "m", triton=tmp_path / "triton")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
     data = bytearray((bundle.path / "model.onnx.data").read_bytes())
     data[5] ^= 0xFF
     (bundle.path / "model.onnx.data").write_bytes(bytes(data))
