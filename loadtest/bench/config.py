@@ -12,6 +12,10 @@ from export.contract import RUNTIMES
 DEMO_NAME = "demo"
 RAW_BATCH_SIZES = (1, 32, 256)
 RAW_THREADS = (1, 2)
+# The graph is timed again at the end of a run (1 thread, these batch sizes): a run in which it moved by more than
+# DRIFT_LIMIT (a VM's speed changing under the run) is flagged in the report
+DRIFT_BATCH_SIZES = (1, 256)
+DRIFT_LIMIT = 0.2
 # What every run sets unless --server-env overrides it: no per-request log line (its cost is measured
 # separately with --access-log), no repository polling.
 BASE_SERVER_ENV = {"LMA_ACCESS_LOG": "false", "LMA_WATCH_INTERVAL_S": "0"}

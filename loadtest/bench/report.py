@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench.config import CONFIRM_STEP, CONFIRM_TRIES, OPEN_PROBE_S, OPEN_PROBES, SUSTAINED
+from loadtest.bench.config import CONFIRM_STEP, CONFIRM_TRIES, DRIFT_LIMIT, OPEN_PROBE_S, OPEN_PROBES, SUSTAINED
 from loadtest.bench.results import BenchReport, RunRecord
 
 KEEP_START, KEEP_END = "<!-- keep -->", "<!-- /keep -->"
@@ -164,6 +164,21 @@ def _ceiling_table(report: BenchReport) -> list[str]:
         lines.append(
             f"| {r['batch_size']} | {r['threads']} | {_fmt(r['samples_per_s'])} | {_fmt(r['us_per_call'])} "
             f"| {_fmt(r['cpu_us_per_sample'], 1)} |"
+        )
+    return lines
+
+
+def _drift_lines(report: BenchReport) -> list[str]:
+    """The graph timed again at the end: how far the machine's speed moved during the run, flagged past DRIFT_LIMIT."""
+    drift = report.drift()
+    if not drift:
+        return []
+    cells = ", ".join(f"batch {b}: {ratio:.2f}" for b, ratio in drift)
+    lines = ["", f"Timed again after the last load run (1 thread), samples/s at the end / at the start: {cells}."]
+    if any(abs(ratio - 1) > DRIFT_LIMIT for _, ratio in drift):
+        lines.append(
+            f"**The machine's speed moved by more than {DRIFT_LIMIT:.0%} during this run:** compare the ratios of"
+            " servers measured in the same rounds, not absolute numbers, with other runs."
         )
     return lines
 
@@ -326,6 +341,7 @@ def render_markdown(report: BenchReport, previous: str | None = None, plot_name:
         "(`export.onnx_runtime.session_options`), inputs featurized once: the ceiling a server is judged against.",
         "",
         *_ceiling_table(report),
+        *_drift_lines(report),
     ]
     ratios = _ratio_table(report)
     if ratios:

@@ -56,6 +56,17 @@ class BenchReport:
     # (runs._open_capacity), in the order sought: {"server", "deadline_ms", "closed_per_s", "bisected_per_s",
     # "capacity_per_s", "confirmed", "probes"}
     open_capacity: list[dict[str, Any]] = field(default_factory=list)
+    raw_end: list[dict[str, Any]] = field(default_factory=list)  # the graph timed again after the last load run
+
+    def drift(self) -> list[tuple[int, float]]:
+        """(batch size, samples/s at the end / at the start) of the graph alone, 1 thread, for each batch size
+        timed at both ends of the run."""
+        out = []
+        for end in self.raw_end:
+            start = self.ceiling(end["batch_size"], end["threads"])
+            if start is not None and start["samples_per_s"] > 0:
+                out.append((int(end["batch_size"]), end["samples_per_s"] / start["samples_per_s"]))
+        return out
 
     def closed(self, server: str, kind: str, concurrency: int | None = None) -> list[RunRecord]:
         return [

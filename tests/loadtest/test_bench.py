@@ -403,8 +403,34 @@ def test_report_from_a_small_run(bundle_dir: Path, tmp_path: Path) -> None:
     # deadline, closed, the probes' rate, open, open / closed, confirmed
     assert [row.split(" | ")[1] for row in capacity_rows] == ["2000", "100"]
     assert all(row.endswith(" | yes |") for row in capacity_rows)
-    # model, closed-loop start, 18 closed runs, 2 deadlines x (the capacity, open start + run), floor start + run
-    assert len(lines) == 1 + 1 + 18 + 2 * 3 + 2
+    # the graph timed again at the end, and the ratio reported (no flag asserted: this machine's speed is its own)
+    assert [(r["batch_size"], r["threads"]) for r in report.raw_end] == [(1, 1), (256, 1)]
+    assert [b for b, _ in report.drift()] == [1, 256]
+    assert "Timed again after the last load run (1 thread), samples/s at the end / at the start: batch 1: " in text
+    # model, closed-loop start, 18 closed runs, 2 deadlines x (the capacity, open start + run), floor start + run,
+    # the graph again
+    assert len(lines) == 1 + 1 + 18 + 2 * 3 + 2 + 1
+
+
+def test_a_run_whose_machine_speed_moved_is_flagged() -> None:
+    def raw(batch: int, sps: float) -> dict[str, float]:
+        return {"batch_size": batch, "threads": 1, "samples_per_s": sps, "us_per_call": 1.0, "cpu_us_per_sample": 1.0}
+
+    report = bench.BenchReport("lma bench", "now", 1.0, {}, {}, {}, 1.0, 16, [raw(1, 10_000.0), raw(256, 80_000.0)])
+    report.raw_end = [raw(1, 9_000.0), raw(256, 76_000.0)]
+    assert report.drift() == [(1, 0.9), (256, 0.95)]
+    assert report_module._drift_lines(report) == [
+        "",
+        "Timed again after the last load run (1 thread), samples/s at the end / at the start: batch 1: 0.90, batch"
+        " 256: 0.95.",
+    ]
+    report.raw_end = [raw(1, 7_900.0), raw(256, 80_000.0)]  # 21% slower at batch 1
+    assert report_module._drift_lines(report)[-1] == (
+        "**The machine's speed moved by more than 20% during this run:** compare the ratios of servers measured in"
+        " the same rounds, not absolute numbers, with other runs."
+    )
+    report.raw_end = []  # a report of an older run: nothing said
+    assert report_module._drift_lines(report) == []
 
 
 # --- a server speed-up the benchmark measures: short batches skip the runtime thread ---
