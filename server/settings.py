@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     backlog: int = Field(1024, ge=16, description="listen backlog of each worker's socket")
     watch_interval_s: float = Field(5.0, ge=0, description="poll the model repository this often (0: never)")
     # batching and admission
-    max_batch_size: int = Field(256, ge=1, description="samples per runtime call")
+    # le: a sanity bound (an extra zero or two), not a memory budget: start-up warms the runtime at this size, and
+    # 10**8 rows ran out of memory 25 s into it; a batch of 65,536 rows is far past where batching stops paying
+    max_batch_size: int = Field(256, ge=1, le=65536, description="samples per runtime call (at most 65536)")
     # 0 measured best on 2 cores (docs/BENCHMARKS.md): 2.2x the single-sample requests/s of 2 ms at 16 connections,
     # and more samples/s for 32-sample requests; batches still form while the runtime is busy.
     max_wait_ms: float = Field(0.0, ge=0, description="longest a queued request waits for a fuller batch")

@@ -23,6 +23,10 @@ def test_environment_is_read_with_the_prefix(tmp_path: Path, monkeypatch: pytest
     ("env", "message"),
     [
         ({"LMA_MAX_BATCH_SIZE": "0"}, "LMA_MAX_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')"),
+        (  # it once ran out of memory 25 s into start-up, warming the runtime at that size
+            {"LMA_MAX_BATCH_SIZE": "100000000"},
+            "LMA_MAX_BATCH_SIZE: Input should be less than or equal to 65536 (got '100000000')",
+        ),
         ({"LMA_RUNTIME": "tensorrt"}, "LMA_RUNTIME: Input should be 'onnx' or 'torchscript' (got 'tensorrt')"),
         ({"LMA_DEVICE": "tpu"}, "LMA_DEVICE: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
         ({"LMA_MAX_WAIT_MS": "-1"}, "LMA_MAX_WAIT_MS: Input should be greater than or equal to 0 (got '-1')"),
