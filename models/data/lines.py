@@ -113,8 +113,8 @@ def clean_block(data: bytes, stats: ReadStats) -> bytes:
     """LF-terminated lines of a block, CRLF turned into LF; lines that are not text or too long dropped and counted.
 
     Not text: invalid UTF-8, a NUL byte (which no CSV/TSV value contains) or a bare CR (one not
-    followed by LF, which the column parser would take for a line end). A line both not text and too
-    long counts as ``decode``.
+    followed by LF: in a Criteo or Avazu file it is a broken line end, and CSV readers take it for one).
+    A line both not text and too long counts as ``decode``.
     """
     bare_cr = False
     if b"\r" in data:

@@ -688,3 +688,23 @@ def test_the_parser_reads_every_line_as_the_documented_rules_do(fmt: str) -> Non
             assert keys == [schema.keys_for([r.categorical])[0].tolist() for r in expected]
 
     check()
+
+
+def test_parse_block_sizes_its_rows_by_bytes_and_refuses_data_without_a_last_lf() -> None:
+    from models.data.parse import parse_block
+
+    fmt = spec("criteo")
+    # rows of the least size a row can have (39 tabs and a LF, so its label is empty), then a short bad line: the
+    # arrays hold len // 40 + 1 rows, and the bad line's writes land inside them
+    data = b"\t" * 39 + b"\n"
+    stats = ReadStats()
+    block = parse_block(data * 50 + b"x\n" + b"\n" * 1000, fmt, stats)
+    assert (block.parsed_rows, len(block)) == (50, 0)
+    assert stats.to_dict() == {
+        "rows": 0, "skipped": 1051, "reasons": {"label": 50, "field_count": 1, "blank_line": 1000}
+    }  # fmt: skip
+    good = CRITEO_LINES[0].encode() + b"\n"
+    assert len(parse_block(good * 3 + b"\n" * 10_000, fmt, ReadStats())) == 3
+    with pytest.raises(ValueError, match=r"^parse_block takes LF-terminated lines; the data ends in b'.*\\t'$"):
+        parse_block(good + b"1" + b"\t" * 39, fmt, ReadStats())  # once a read past the data (heap corruption)
+    assert len(parse_block(b"", fmt, ReadStats())) == 0
