@@ -196,7 +196,7 @@ def build_app(settings: Settings) -> LmaApp:
         try:
             store = open_feature_store(settings)
         except (OSError, ValueError) as e:
-            app.state.startup_error = f"LMA_FEATURE_STORE_PATH: {e}"
+            app.state.startup_error = f"{'LMA_REDIS_URL' if settings.redis_url else 'LMA_FEATURE_STORE_PATH'}: {e}"
             raise
         registry = ModelRegistry(settings, metrics)
         engine = Engine(registry, store, settings, metrics)

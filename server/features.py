@@ -67,6 +67,8 @@ class InMemoryFeatureStore:
                     )
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+                except csv.Error as e:  # e.g. a field over csv's field size limit
+                    raise ValueError(f"{path}, line {reader.reader.line_num}: {e}") from None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -281,3 +281,13 @@ async def test_a_start_up_refused_for_a_known_cause_reports_one_line_not_a_trace
         message["message"]
         == f"LMA_FEATURE_STORE_PATH: {store}: a feature CSV needs a header row with an 'entity' column"
     )
+    bad_redis = settings_for(repo, redis_url="redis://127.0.0.1:6379/0?socket_timeout=abc")
+    message = await _startup_failure(build_app(bad_redis))  # named by the variable that holds the mistake
+    assert str(message["message"]).startswith("LMA_REDIS_URL: Invalid value for 'socket_timeout'")
+
+
+def test_a_feature_csv_row_the_csv_module_refuses_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    big = tmp_path / "features.csv"
+    big.write_text("entity,C1\nu1,a\nu2," + "x" * 200_000 + "\n")  # over csv's field size limit (131,072)
+    with pytest.raises(ValueError, match=rf"^{big}, line 3: field larger than field limit"):
+        InMemoryFeatureStore.from_file(big)
