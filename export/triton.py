@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
-from export.bundle import Bundle, BundleError
+from export.bundle import Bundle, BundleError, is_version
 from export.contract import DENSE_INPUT, RUNTIME_FILES
 
 CONFIG_FILE = "config.pbtxt"
@@ -80,7 +81,7 @@ def _onnx_for_triton(bundle: Bundle) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
     tmp.replace(path)
 
@@ -91,25 +92,34 @@ def triton_version_dir(repo: Path, name: str, version: str) -> Path:
 
 
 def write_triton(bundle: Bundle, repo: Path, max_batch_size: int = 1024) -> Path:
-    """Write ``repo/NAME/VERSION/model.onnx`` and (re)write ``repo/NAME/config.pbtxt``; returns ``repo/NAME``.
+    """Write ``repo/NAME/VERSION/model.onnx``, and ``repo/NAME/config.pbtxt`` when VERSION is the highest there;
+    returns ``repo/NAME``.
+
+    The config belongs to the model, not to a version: an export of an older version (an explicit lower
+    ``--version``) leaves the config of the newest one, which Triton serves, alone.
 
     Raises:
         BundleError: that version is already in the Triton repository.
     """
     version_dir = triton_version_dir(repo, bundle.name, bundle.version)
     model_dir = version_dir.parent
+    taken = f"--triton: {version_dir} already exists; Triton versions are not overwritten"
     if version_dir.exists():
-        raise BundleError(f"--triton: {version_dir} already exists; Triton versions are not overwritten")
-    tmp = model_dir / f".tmp-{bundle.version}-{os.getpid()}"  # hidden, and no number: never taken for a version
-    shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(taken)
+    tmp = model_dir / f".tmp-{bundle.version}-{uuid.uuid4().hex[:8]}"  # hidden, no number: never a version
     tmp.mkdir(parents=True)
     try:
         external = bundle.manifest["onnx"].get("external_data")
         if external:
             shutil.copyfile(bundle.path / external, tmp / external)
         (tmp / RUNTIME_FILES["onnx"]).write_bytes(_onnx_for_triton(bundle))
-        os.rename(tmp, version_dir)  # the version appears whole (the graph never without its weights) or not at all
+        try:
+            os.rename(tmp, version_dir)  # appears whole (the graph never without its weights) or not at all
+        except OSError as e:  # another export wrote that version meanwhile (a non-empty folder is not replaced)
+            raise BundleError(f"{taken} ({e.strerror})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_atomic(model_dir / CONFIG_FILE, triton_config(bundle, max_batch_size).encode("utf-8"))
+    newest = max(int(p.name) for p in model_dir.iterdir() if p.is_dir() and is_version(p.name))
+    if newest == int(bundle.version):
+        _write_atomic(model_dir / CONFIG_FILE, triton_config(bundle, max_batch_size).encode("utf-8"))
     return model_dir

@@ -406,6 +406,12 @@ def test_large_graphs_keep_weights_in_one_external_file(
     with pytest.raises(BundleError, match=r"^--triton: .*/triton/m/2 already exists; Triton versions are not"):
         export_run(run.run_dir, tmp_path / "m", triton=tmp_path / "triton")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+    # the config is the model's: an export of a version below the newest leaves the newest one's config alone
+    export_run(run.run_dir, tmp_path / "m", version="4", triton=tmp_path / "triton")
+    config = (tmp_path / "triton" / "m" / "config.pbtxt").read_text()
+    export_run(run.run_dir, tmp_path / "m", version="3", triton=tmp_path / "triton", triton_max_batch_size=7)
+    assert (tmp_path / "triton" / "m" / "3" / "model.onnx").exists()
+    assert (tmp_path / "triton" / "m" / "config.pbtxt").read_text() == config and "max_batch_size: 7" not in config
     data = bytearray((bundle.path / "model.onnx.data").read_bytes())
     data[5] ^= 0xFF
     (bundle.path / "model.onnx.data").write_bytes(bytes(data))
