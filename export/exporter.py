@@ -118,10 +118,11 @@ def export_run(
     if triton is not None:
         from export.triton import triton_version_dir
 
-        if triton_version_dir(triton, name, version).exists():
+        taken = triton_version_dir(triton, name, version)
+        if taken.exists():
             raise BundleError(
-                f"--triton: {triton_version_dir(triton, name, version)} already exists; Triton versions are not"
-                " overwritten (the Triton version is the bundle's)"
+                f"--triton: {taken} already exists; Triton versions are not overwritten (the Triton version is the"
+                " bundle's)"
             )
 
     model, cfg = load_run(run_dir)

@@ -75,18 +75,17 @@ class Format:
     hour_column: int | None = None  # Avazu: derives hour_of_day and weekday, the first two fields
     dense_names: tuple[str, ...] = ()
     categorical_names: tuple[str, ...] = ()
-    eight_byte_values: bool = False  # categorical values are 8 characters or empty (Criteo's hex ids)
 
 
 _CRITEO_CSV_HEADER = ("Id", "Label", *CRITEO_DENSE, *CRITEO_CATEGORICAL)
 _SPECS = {
     "criteo": Format(
         "criteo", "\t", None, 40, 0, tuple(range(1, 14)), tuple(range(14, 40)),
-        dense_names=CRITEO_DENSE, categorical_names=CRITEO_CATEGORICAL, eight_byte_values=True,
+        dense_names=CRITEO_DENSE, categorical_names=CRITEO_CATEGORICAL,
     ),
     "criteo-csv": Format(
         "criteo-csv", ",", _CRITEO_CSV_HEADER, 41, 1, tuple(range(2, 15)), tuple(range(15, 41)), id_column=0,
-        dense_names=CRITEO_DENSE, categorical_names=CRITEO_CATEGORICAL, eight_byte_values=True,
+        dense_names=CRITEO_DENSE, categorical_names=CRITEO_CATEGORICAL,
     ),
     "avazu": Format(
         "avazu", ",", AVAZU_COLUMNS, 24, 1, (), tuple(range(3, 24)), id_column=0, hour_column=2,

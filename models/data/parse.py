@@ -95,8 +95,8 @@ def _has_byte(w, b):  # type: ignore[no-untyped-def]
 def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, packed, wide):  # type: ignore[no-untyped-def]
     """One pass over ``buf`` (LF-terminated lines); returns (parsed rows, blank lines, lines of a wrong field count).
 
-    Row r's outputs go to index r of each array (sized for one row per newline); a line with a wrong
-    field count is counted and its row index is reused. ``roles[c]``/``slots[c]``: what column c is
+    Row r's outputs go to index r of each array (sized by the caller for every kept row plus one); a
+    line with a wrong field count is counted and its row index is reused. ``roles[c]``/``slots[c]``: what column c is
     and its index among the dense or packed columns. ``odd[r]``: a dense value of row r is neither
     empty nor a short integer (its values are then redone by the caller). ``wide[j]``: packed column j
     held a value longer than 8 bytes (the column is then redone by the caller).
@@ -119,7 +119,7 @@ def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, pa
             role = roles[c]
             j = slots[c]
             s = p
-            if role == 3:  # packed: the first 8 bytes, little-endian
+            if role == _PACKED:  # the first 8 bytes, little-endian
                 if p + 9 <= n:  # the common values in one word: 8 bytes (Criteo's hex ids) or empty
                     w = np.uint64(0)
                     for k in range(8):
@@ -147,7 +147,7 @@ def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, pa
                 if p - s > 8:
                     wide[j] = True
                 packed[j, row] = w
-            elif role == 2:  # dense: [-]digits
+            elif role == _DENSE:  # [-]digits
                 neg = buf[p] == 45
                 if neg:
                     p += 1
@@ -160,7 +160,7 @@ def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, pa
                     v = v * 10 + d
                     p += 1
                 b = buf[p]
-                if (b == sep or b == 10) and p - q <= 15 and (p > q or p == s):
+                if (b == sep or b == 10) and p - q <= _MAX_DIGITS and (p > q or p == s):
                     if p == s:
                         dense[row, j] = np.nan  # empty: missing
                     else:
@@ -177,11 +177,11 @@ def _scan(buf, sep, roles, slots, line_starts, line_ends, labels, odd, dense, pa
                     if b == sep or b == 10:
                         break
                     p += 1
-                if role == 1:
+                if role == _LABEL:
                     if p - s == 1 and (buf[s] == 48 or buf[s] == 49):
                         labels[row] = buf[s] - 48
                     else:
-                        labels[row] = 2
+                        labels[row] = _BAD_LABEL
             if c < ncols - 1:
                 if buf[p] == 10:  # too few fields
                     ok = False
@@ -236,28 +236,24 @@ def _fields(data: bytes, fmt: Format, starts: np.ndarray, ends: np.ndarray, colu
     return [data[s : e - 1].split(sep)[column] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
-def _redo_dense(data: bytes, fmt: Format, starts: np.ndarray, ends: np.ndarray, dense: np.ndarray) -> np.ndarray:
-    """Convert the dense values of the rows ``dense`` (their lines ``starts``/``ends``) with ``float()``, in place;
-    returns the mask of those rows that hold a value that is no finite number."""
+def _redo_dense(data: bytes, fmt: Format, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """Convert the dense values of ``rows`` (their lines: ``starts[rows]``, ``ends[rows]``) with ``float()``, into
+    ``dense``; returns the rows among them that hold a value that is no finite number."""
     sep = fmt.sep.encode()
-    bad = np.zeros(len(starts), bool)
-    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-        fields = data[s : e - 1].split(sep)
+    bad = []
+    for r in rows.tolist():
+        fields = data[starts[r] : ends[r] - 1].split(sep)
         for j, c in enumerate(fmt.dense_columns):
             text = fields[c]
-            if not text:
-                dense[i, j] = math.nan
-                continue
             try:
-                v = float(text)
+                v = float(text) if text else math.nan
             except ValueError:
+                v = math.inf
+            if text and not math.isfinite(v):
+                bad.append(r)
                 v = math.nan
-            if math.isfinite(v):
-                dense[i, j] = v
-            else:
-                dense[i, j] = math.nan
-                bad[i] = True
-    return bad
+            dense[r, j] = v
+    return np.unique(np.array(bad, np.int64))
 
 
 def _text_column(values: list[bytes]) -> Column:
@@ -341,12 +337,8 @@ def parse_block(data: bytes, fmt: Format, stats: ReadStats, want_ids: bool = Fal
     labels = (codes == 1).astype(np.float32)
 
     if odd.any():  # rare: rows with dense text that is not a short integer, through float()
-        rows = np.flatnonzero(odd)
-        redone = dense[rows]
-        bad_rows = rows[_redo_dense(data, fmt, line_starts[rows], line_ends[rows], redone)]
-        dense[rows] = redone
         bad_dense = np.zeros(n, bool)
-        bad_dense[bad_rows] = True
+        bad_dense[_redo_dense(data, fmt, np.flatnonzero(odd), line_starts, line_ends, dense)] = True
         bad_dense &= ~bad
         stats.skip(DENSE_VALUE, int(np.count_nonzero(bad_dense)))
         bad |= bad_dense
