@@ -10,7 +10,7 @@ Example::
 
     ticket = engine.admit("criteo", None, arrival=time.monotonic(), timeout_s=0.1)
     try:
-        prediction = await engine.predict(ticket, [{"dense": [...], "categorical": [...]}])
+        prediction = await engine.predict(ticket, b'{"instances": [{"dense": [...], "categorical": [...]}]}')
     finally:
         engine.release(ticket)
     prediction.scores.probability        # float32 (B,)
@@ -170,11 +170,11 @@ class Engine:
 
     # --- scoring ---
 
-    async def predict(self, ticket: Ticket, instances: object, timings: dict[str, float] | None = None) -> Prediction:
-        """Score native instances (see :mod:`server.featurize`) with the ticket's model."""
+    async def predict(self, ticket: Ticket, body: bytes, timings: dict[str, float] | None = None) -> Prediction:
+        """Score the instances of a native predict body (see :mod:`server.featurize`) with the ticket's model."""
         mv = ticket.mv
         start = time.perf_counter()
-        parsed = mv.featurizer.parse_instances(instances, self._max_instances)
+        parsed = mv.featurizer.parse_body(body, self._max_instances)
         if parsed.entities is not None:
             await self._merge_stored(mv, parsed, ticket.deadline)
         return await self._score(ticket, parsed.rows, start, timings)

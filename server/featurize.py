@@ -43,10 +43,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+import orjson
 
 from models.schema import KEY_MASK, FeatureSchema, PackedKeys, transform_dense
 from server.errors import EntityNotFound, InvalidInput, PayloadTooLarge
-from server.protocols.native.schemas import INSTANCE_FIELDS, INSTANCE_KEYS, MISSING_ENTITY_POLICIES
+from server.protocols.native import codec
+from server.protocols.native.schemas import INSTANCE_FIELDS, INSTANCE_KEYS, MISSING_ENTITY_POLICIES, PREDICT_KEYS
 from server.types import Batch, BytesElements, Rows, Tensor
 
 TENSOR_NAMES = ("dense", "categorical")
@@ -63,6 +65,23 @@ PACKED_SLOT_BITS = 15
 
 def json_type(v: object) -> str:
     return "null" if v is None else _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def parse_json_object(body: bytes, allowed: frozenset[str], required: str | None = None) -> dict[str, Any]:
+    """``body`` as a JSON object with only ``allowed`` keys (empty: ``{}`` unless a key is ``required``)."""
+    if required is None and not body.strip():
+        return {}
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"body: not valid JSON ({e})") from None
+    if type(obj) is not dict:
+        raise InvalidInput(f"body: expected an object, got {json_type(obj)}")
+    if not obj.keys() <= allowed:
+        raise InvalidInput(f"body: unknown key {sorted(set(obj) - allowed)[0]!r}; expected {sorted(allowed)}")
+    if required is not None and required not in obj:
+        raise InvalidInput(f"body: {required!r} is missing")
+    return obj
 
 
 def check_count(n: int, limit: int, what: str) -> None:
@@ -118,7 +137,8 @@ class PackedRows:
     Args:
         featurizer: the model's featurizer.
         size: B.
-        dense: float32 (B, n_dense) raw values (missing: NaN or 0, as sent).
+        dense: (B, n_dense) raw values, float32 from a v2 tensor (missing: NaN or 0, as sent) or float64 from a
+            native body (missing: NaN); :func:`~models.schema.transform_dense` makes both float64 first.
         packed: uint64 (B, F) tokens packed by :func:`models.schema.pack_values`.
     """
 
@@ -148,7 +168,7 @@ class PackedRows:
 class Instances:
     """Parsed native instances: their raw rows, plus what the feature store needs."""
 
-    rows: RawRows
+    rows: RawRows | PackedRows  # PackedRows: a body the native codec's scan read (no entity)
     entities: list[str | None] | None  # per instance, None when no instance names an entity
     defaults_ok: set[int] | None = None  # instances that said "missing_entity": "defaults"
 
@@ -190,6 +210,15 @@ class Featurizer:
         return Batch(transform_dense(raw), self.schema.keys_flat(categorical, size))
 
     # --- native instances ---
+
+    def parse_body(self, body: bytes, max_instances: int) -> Instances:
+        """A native predict body's instances: one compiled scan of the bytes when they are in the canonical form
+        (:func:`server.protocols.native.codec.scan_instances`), else orjson and :meth:`parse_instances`."""
+        scanned = codec.scan_instances(body, self.num_dense, self.num_fields, max_instances)
+        if scanned is not None:
+            dense, packed = scanned
+            return Instances(PackedRows(self, len(packed), dense, packed), None)
+        return self.parse_instances(parse_json_object(body, PREDICT_KEYS, "instances")["instances"], max_instances)
 
     def parse_instances(self, instances: object, max_instances: int) -> Instances:
         if type(instances) is not list:
@@ -304,6 +333,7 @@ class Featurizer:
         ``"missing_entity": "defaults"``: then it is scored with what it sent (missing = defaults).
         """
         rows = parsed.rows
+        assert isinstance(rows, RawRows)  # only parse_instances reads entities
         nd, nf = self.num_dense, self.num_fields
         for i, features in enumerate(stored):
             if not features:

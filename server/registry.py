@@ -45,6 +45,7 @@ from server.errors import InvalidInput, ModelNotFound
 from server.features import InMemoryFeatureStore
 from server.featurize import Featurizer
 from server.metrics import Metrics
+from server.protocols.native import codec
 from server.runtimes import Runtime, create_runtime, resolve_device
 from server.settings import Settings, runtime_threads
 
@@ -279,6 +280,7 @@ class ModelRegistry:
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         s = self.settings
+        codec.warm()  # the native body scan: compiled (or loaded from Numba's cache) here, not at a first request
         runtime = create_runtime(bundle, self.runtime, self.device, runtime_threads(s))
         try:
             runtime.warmup(sorted({1, min(8, s.max_batch_size), s.max_batch_size}))

@@ -1,8 +1,6 @@
 """models/jit.py: kernels cache their machine code on disk, and still compile where nothing is writable."""
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numba.core.caching
@@ -35,13 +33,3 @@ def test_a_kernel_compiles_in_the_process_where_no_cache_location_is_writable(
     assert k(41) == 42
     assert isinstance(k._cache, numba.core.caching.NullCache)  # type: ignore[attr-defined]
     assert "_add_one: compiled in this process, not cached (cannot cache function" in caplog.text
-
-
-def test_serving_does_not_load_numba() -> None:
-    """The kernels are the data readers' (lma features load, training); Numba and LLVM would cost each server
-    process about 110 MB of resident memory (measured: 45 -> 159 MB for import and one cached kernel)."""
-    code = "import sys, server.app, server.cli; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, cwd=ROOT
-    )
-    assert done.stdout.strip() == "[]"

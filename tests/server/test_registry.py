@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -186,7 +187,7 @@ async def test_requests_in_flight_during_a_swap_all_succeed(
         ticket = engine.admit("criteo", None, time.monotonic(), 30.0)  # holds the version serving now
         try:
             await asyncio.sleep(0.001)  # the body being read: a swap may happen meanwhile
-            return await engine.predict(ticket, inst)
+            return await engine.predict(ticket, orjson.dumps({"instances": inst}))
         finally:
             engine.release(ticket)
 

@@ -15,17 +15,16 @@ from starlette.responses import Response
 from server import schemas
 from server.engine import Engine
 from server.http import Reply, json_response
-from server.protocols.native.schemas import PREDICT_KEYS, PredictRequest, PredictResponse
+from server.protocols.native.schemas import PredictRequest, PredictResponse
 from server.protocols.routing import ScoringRequest, ScoringRoute
-from server.routes.deps import engine_of, parse_json_object
+from server.routes.deps import engine_of
 
 router = APIRouter(tags=["predict"])
 
 
 async def predict(engine: Engine, request: ScoringRequest) -> Reply:
     """Read a predict body, score its instances with the ticket's model, answer the probabilities."""
-    body = parse_json_object(await request.body(), PREDICT_KEYS, "instances")
-    prediction = await request.wait(engine.predict(request.ticket, body["instances"], request.ctx.timings))
+    prediction = await request.wait(engine.predict(request.ticket, await request.body(), request.ctx.timings))
     request.ctx.model, request.ctx.version = prediction.model, prediction.version
     content = {"predictions": prediction.scores.probability, "model": prediction.model, "version": prediction.version}
     return Reply(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY))
