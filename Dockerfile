@@ -90,9 +90,8 @@ RUN groupadd --system --gid 10001 lma \
 COPY --from=build /opt/venv /opt/venv
 USER lma
 WORKDIR /home/lma
-# Numba's compiled kernels (models/jit.py: the data readers, for `lma features load` in the image; `lma serve` loads
-# no Numba) are cached under /tmp: the installed package is not writable here, and the Kubernetes pod's root
-# filesystem is read-only (deploy/k8s/deployment.yaml mounts an emptyDir at /tmp).
+# Numba's compiled kernels (models/jit.py) are cached under /tmp: the installed package is not writable here, and
+# the Kubernetes pod's root filesystem is read-only (deploy/k8s/deployment.yaml mounts an emptyDir at /tmp).
 ENV LMA_MODEL_DIR=/models \
     NUMBA_CACHE_DIR=/tmp/numba-cache
 EXPOSE 8000

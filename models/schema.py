@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.jit import kernel
+
 KEY_BITS = 62
 KEY_MASK = (1 << KEY_BITS) - 1
 HASH_SCHEME = "blake2b64-field-keyed-v1"
@@ -253,26 +255,31 @@ class PackedKeys:
         table = np.zeros((schema.num_fields, 1 << slot_bits), _SLOT)  # one record per slot: one access a lookup
         table["value"] = _EMPTY
         self._flat = table.reshape(-1)
+        self._pairs = self._flat.view(np.uint64).reshape(-1, 2)  # the same memory, as _lookup reads it
         self._base = np.arange(schema.num_fields, dtype=np.intp) << slot_bits  # first slot of each field
         self._shift = np.uint64(64 - slot_bits)
+        self._bits = slot_bits
 
-    def _slots(self, packed: np.ndarray) -> np.ndarray:
-        return ((packed * _MULTIPLIER) >> self._shift).astype(np.intp)
+    def _lookup(self, packed: np.ndarray, first_field: int, out: np.ndarray) -> np.ndarray | None:
+        """Write the cached keys of ``packed`` (n, k) (fields first_field.. first_field + k - 1) to ``out``;
+        the mask of the values that missed (their ``out`` is -1), or None when none did."""
+        if _lookup(packed, self._pairs, first_field, self._bits, out):
+            return out == -1
+        return None
 
-    def field(self, field_index: int, packed: np.ndarray) -> np.ndarray:
-        """int64 (n,) keys of field ``field_index``'s packed values ``packed`` (uint64 (n,)).
+    def field(self, field_index: int, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """int64 (n,) keys of field ``field_index``'s packed values ``packed`` (uint64 (n,)), in ``out`` if given.
 
         A reader's block has many misses: each distinct value is hashed once (``field_keys`` of the uniques).
         """
-        slots = self._slots(packed) + self._base[field_index]
-        found = self._flat[slots]
-        keys = found["key"]
-        miss = found["value"] != packed
-        if miss.any():
-            distinct, first, inverse = np.unique(packed[miss], return_index=True, return_inverse=True)
+        keys = np.empty(len(packed), np.int64) if out is None else out
+        miss = self._lookup(packed.reshape(-1, 1), field_index, keys.reshape(-1, 1))
+        if miss is not None:
+            miss = miss.reshape(-1)
+            distinct, inverse = np.unique(packed[miss], return_inverse=True)
             new_keys = self.schema.field_keys(field_index, _texts(distinct))
             keys[miss] = new_keys[inverse.reshape(-1)]
-            self._store(slots[miss][first], distinct, new_keys)
+            self._store(field_index, np.zeros(len(distinct), np.intp), distinct, new_keys)
         return keys
 
     def rows(self, packed: np.ndarray) -> np.ndarray:
@@ -280,24 +287,53 @@ class PackedKeys:
 
         A request has few misses, all fields together: no sort; the schema's dict cache has most of them.
         """
-        slots = self._slots(packed) + self._base
-        found = self._flat[slots]
-        keys = np.ascontiguousarray(found["key"])
-        miss = found["value"] != packed
-        if miss.any():
+        keys = np.empty(packed.shape, np.int64)
+        miss = self._lookup(packed, 0, keys)
+        if miss is not None:
             r, f = np.nonzero(miss)
             values = packed[r, f]
             key = self.schema.key
             text = _texts(values)
             new_keys = np.fromiter((key(j, t) for j, t in zip(f.tolist(), text, strict=True)), np.int64, len(text))
             keys[r, f] = new_keys
-            self._store(slots[r, f], values, new_keys)
+            self._store(0, f, values, new_keys)
         return keys
 
-    def _store(self, slots: np.ndarray, values: np.ndarray, keys: np.ndarray) -> None:
+    def _store(self, first_field: int, fields: np.ndarray, values: np.ndarray, keys: np.ndarray) -> None:
+        slots = ((values * _MULTIPLIER) >> self._shift).astype(np.intp) + self._base[first_field + fields]
         new = np.empty(len(values), _SLOT)
         new["value"], new["key"] = values, keys
         self._flat[slots] = new  # a slot two values share keeps one of them
+
+
+@kernel
+def _lookup(packed, table, first_field, bits, out):  # type: ignore[no-untyped-def]
+    """PackedKeys' direct-mapped lookup of a (n, k) array of packed values of fields first_field..; the
+    number of misses (their ``out`` is -1). ``table``: (slots, 2) uint64, value and key of each slot.
+    Compiled, field by field (one field's slots stay in cache): a multiply-shift, a load and a compare
+    per value; unsigned slot numbers, so no negative-index wrap is compiled in."""
+    shift = np.uint64(64 - bits)
+    misses = 0
+    for f in range(packed.shape[1]):
+        base = np.uint64((first_field + f) << bits)
+        for i in range(packed.shape[0]):
+            v = packed[i, f]
+            slot = base + ((v * _MULTIPLIER) >> shift)
+            if table[slot, 0] == v:
+                out[i, f] = np.int64(table[slot, 1])
+            else:
+                out[i, f] = -1
+                misses += 1
+    return misses
+
+
+def warm_kernels() -> None:
+    """Compile the key lookup now (or load it from Numba's cache), so that no request waits for it.
+
+    The arguments have the types and layouts of :meth:`PackedKeys.rows` (C-contiguous), which the
+    server calls; the readers' column views compile their own specialisation at their first block.
+    """
+    _lookup(np.zeros((1, 1), np.uint64), np.zeros((2, 2), np.uint64), 0, 1, np.empty((1, 1), np.int64))
 
 
 def _texts(packed: np.ndarray) -> list[str]:

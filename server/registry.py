@@ -39,6 +39,7 @@ from export.bundle import (
     resolve_bundle,
 )
 from export.signing import TrustedKeys
+from models.schema import warm_kernels
 from server import heap
 from server.batcher import Batcher
 from server.errors import InvalidInput, ModelNotFound
@@ -280,7 +281,10 @@ class ModelRegistry:
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         s = self.settings
-        codec.warm()  # the native body scan: compiled (or loaded from Numba's cache) here, not at a first request
+        # the compiled kernels of the request path (native body scan, packed-token keys): compiled, or loaded from
+        # Numba's cache, here and not at a first request
+        codec.warm()
+        warm_kernels()
         runtime = create_runtime(bundle, self.runtime, self.device, runtime_threads(s))
         try:
             runtime.warmup(sorted({1, min(8, s.max_batch_size), s.max_batch_size}))

@@ -142,7 +142,7 @@ def test_base_dependencies_are_the_serving_set() -> None:
         "numpy", "onnxruntime-gpu", "onnxruntime", "fastapi", "uvicorn", "pydantic", "pydantic-settings", "orjson",
         "prometheus-client", "redis", "psutil", "httpx",
         "model-signing", "pyopenssl",  # the server verifies bundle signatures (pyOpenSSL: model-signing's undeclared)
-        "numba",  # the compiled parsers: the native predict body (server), the data readers
+        "numba",  # compiled kernels: the native predict body scan and packed-token keys (server), the data readers
     }  # fmt: skip
     train = PYPROJECT["project"]["optional-dependencies"]["train"]
     assert not base & {canonicalize_name(Requirement(r).name) for r in train}

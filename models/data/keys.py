@@ -33,4 +33,4 @@ class KeyCache:
         if isinstance(column, Column):
             out[:] = self.schema.field_keys(field_index, column.values)[column.codes]
         else:
-            out[:] = self._packed.field(field_index, column)
+            self._packed.field(field_index, column, out)

@@ -1,14 +1,13 @@
 """models/jit.py: kernels cache their machine code on disk, and still compile where nothing is writable."""
 
 import logging
-from pathlib import Path
 
 import numba.core.caching
+import numpy as np
 import pytest
 
 from models.jit import kernel
-
-ROOT = Path(__file__).resolve().parents[2]
+from models.schema import PackedKeys, criteo_schema
 
 
 def _add_one(x: int) -> int:
@@ -33,3 +32,22 @@ def test_a_kernel_compiles_in_the_process_where_no_cache_location_is_writable(
     assert k(41) == 42
     assert isinstance(k._cache, numba.core.caching.NullCache)  # type: ignore[attr-defined]
     assert "_add_one: compiled in this process, not cached (cannot cache function" in caplog.text
+
+
+def test_packed_keys_are_the_schema_keys_through_the_compiled_lookup() -> None:
+    schema = criteo_schema()
+    cache = PackedKeys(schema, slot_bits=2)  # 4 slots a field: values evict each other
+    values = [f"{i:08x}".encode() for i in range(20)] + [b"", b"a", b"1005"]
+    packed = np.array([int.from_bytes(v.ljust(8, b"\0"), "little") for v in values], np.uint64)
+    grid = np.stack([packed, packed[::-1]], axis=1)  # (n, 2): two fields
+    full = np.zeros((len(values), schema.num_fields), np.uint64)
+    full[:, :2] = grid
+    for _ in range(2):  # cold, then with what the first pass stored
+        keys = cache.rows(full)
+        assert keys[:, 0].tolist() == [schema.key(0, v.decode()) for v in values]
+        assert keys[:, 1].tolist() == [schema.key(1, v.decode()) for v in values[::-1]]
+        assert cache.field(5, packed).tolist() == [schema.key(5, v.decode()) for v in values]
+        out = np.zeros((len(values), 3), np.int64)
+        cache.field(7, packed, out[:, 1])  # into a strided column
+        assert out[:, 1].tolist() == [schema.key(7, v.decode()) for v in values]
+        assert not out[:, [0, 2]].any()
