@@ -19,6 +19,11 @@ Two payloads reach a model:
   ``tritonclient`` does by default) become :class:`PackedRows` when every value packs into 8 bytes:
   keyed in bulk by the batcher (:class:`~models.schema.PackedKeys`: array work, no Python object per value).
 
+A native body whose instances are all in the canonical form (exactly ``dense`` and ``categorical``, each a
+full list) of common values (numbers; tokens of at most 8 ASCII bytes) is read by one compiled pass over
+its bytes (:func:`server.protocols.native.codec.scan_instances`) into :class:`PackedRows`, as binary v2
+tensors are: no Python object per value. Any other body is parsed by orjson and checked as below.
+
 Validation runs per request, so that every error is an :class:`~server.errors.InvalidInput` naming
 the instance (or tensor) and the field. Instances in the canonical form (exactly ``dense`` and
 ``categorical``, each a full list) are checked for the whole request at once, with C-level passes
