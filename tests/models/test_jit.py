@@ -4,13 +4,14 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numba.core.caching
 import numpy as np
 import pytest
 
 from models.jit import inline, kernel
-from models.schema import PackedKeys, criteo_schema
+from models.schema import _MULTIPLIER, FeatureSchema, PackedKeys, _texts, criteo_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,3 +87,29 @@ def test_packed_keys_are_the_schema_keys_through_the_compiled_lookup() -> None:
         cache.field(7, packed, out[:, 1])  # into a strided column
         assert out[:, 1].tolist() == [schema.key(7, v.decode()) for v in values]
         assert not out[:, [0, 2]].any()
+
+
+def test_two_hot_values_of_one_pair_of_slots_both_stay_cached() -> None:
+    """With one slot per hash they evicted each other at every turn; a pair keeps both, and a third new value
+    evicts the older of the two."""
+    schema = FeatureSchema(("I1",), ("C1",))
+    cache = PackedKeys(schema, slot_bits=4)
+    multiplier = int(_MULTIPLIER)
+    pair = [v for v in range(1, 4000) if ((v * multiplier) % 2**64) >> 60 == 6][:3]  # one hash: slot 6 (pair 6, 7)
+    a, b, c = (np.array([[v]], np.uint64) for v in pair)
+    stored: list[list[int]] = []
+    store = cache._store
+
+    def recording(*args: Any) -> None:
+        stored.append(args[2].tolist())
+        store(*args)
+
+    cache._store = recording  # type: ignore[method-assign]
+    for _ in range(3):
+        for row in (a, b):
+            assert cache.rows(row)[0, 0] == schema.key(0, _texts(row[0])[0])
+    assert stored == [[pair[0]], [pair[1]]]  # each missed once, then both hit
+    cache.rows(c)  # a, the older of the two, leaves
+    cache.rows(b)
+    cache.rows(a)
+    assert stored == [[pair[0]], [pair[1]], [pair[2]], [pair[0]]]
