@@ -39,8 +39,6 @@ _SLOT = np.dtype([("value", "<u8"), ("key", "<i8")])
 _EMPTY = np.uint64(2**64 - 1)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top slot_bits bits of value * this
 _PAIR = np.uint64(2**64 - 2)  # a hash's pair of slots starts at the even slot
-_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)  # first L bytes
-_ONES, _HIGHS = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -216,31 +214,12 @@ class _FieldHasher:
         return k
 
 
-def pack_values(data: bytes | memoryview, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
-    """Values ``data[starts[i] : starts[i] + lengths[i]]`` -> uint64 (n,) packed for :class:`PackedKeys`.
-
-    None when a value is longer than 8 bytes or holds a NUL byte (its packing would not be one-to-one), or
-    is eight 0xFF bytes (the cache's empty-slot marker; not UTF-8, but a binary tensor may carry it): those
-    take the schema's general path.
-    """
-    if len(lengths) and int(lengths.max()) > 8:
-        return None
-    padded = bytes(data) + bytes(8)
-    # words[j] = the 8 bytes starting at data[j], first byte lowest (an overlapping view, no copy)
-    words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
-    packed = words[starts] & _LOW_BYTES[lengths]
-    # a zero byte among a value's own bytes: set the bytes past its end, then the classic has-zero-byte test
-    filled = packed | ~_LOW_BYTES[lengths]
-    if np.any((filled - _ONES) & ~filled & _HIGHS) or np.any(packed == _EMPTY):
-        return None
-    return packed
-
-
 class PackedKeys:
     """Keys of short values packed into ``uint64``, in bulk: a two-way cache of the schema's hash per field.
 
     A value of at most 8 bytes without a NUL byte packs one-to-one into a ``uint64`` (its UTF-8 bytes,
-    little-endian, zero-padded; ``""``, the missing value, packs as 0). Criteo and Avazu values (hex ids,
+    little-endian, zero-padded; ``""``, the missing value, packs as 0), except eight 0xFF bytes, the
+    empty-slot marker (not UTF-8; a binary tensor may carry it). Criteo and Avazu values (hex ids,
     small numbers) all do, so the readers (:mod:`models.data.keys`) and the server's binary BYTES tensors
     (:mod:`server.protocols.v2.codec`, and native bodies the server's scan read) hand whole arrays of them
     here. A table of ``2**slot_bits`` slots per field, in pairs, maps packed value -> key: the keys of a

@@ -144,7 +144,7 @@ class PackedRows:
         size: B.
         dense: (B, n_dense) raw values, float32 from a v2 tensor (missing: NaN or 0, as sent) or float64 from a
             native body (missing: NaN); :func:`~models.schema.transform_dense` makes both float64 first.
-        packed: uint64 (B, F) tokens packed by :func:`models.schema.pack_values`.
+        packed: uint64 (B, F) tokens packed as :class:`~models.schema.PackedKeys` packs values.
     """
 
     featurizer: Featurizer

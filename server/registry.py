@@ -46,7 +46,8 @@ from server.errors import InvalidInput, ModelNotFound
 from server.features import InMemoryFeatureStore
 from server.featurize import Featurizer
 from server.metrics import Metrics
-from server.protocols.native import codec
+from server.protocols.native import codec as native_codec
+from server.protocols.v2 import codec as v2_codec
 from server.runtimes import Runtime, create_runtime, resolve_device
 from server.settings import Settings, runtime_threads
 
@@ -281,10 +282,10 @@ class ModelRegistry:
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         s = self.settings
-        # the compiled kernels of the request path (native body scan, packed-token keys): compiled, or loaded from
-        # Numba's cache, here and not at a first request
-        codec.warm()
-        warm_kernels()
+        # the compiled kernels of the request path (native body scan, binary v2 elements, packed-token keys):
+        # compiled, or loaded from Numba's cache, here and not at a first request
+        for warm in (native_codec.warm, v2_codec.warm, warm_kernels):
+            warm()
         runtime = create_runtime(bundle, self.runtime, self.device, runtime_threads(s))
         try:
             runtime.warmup(sorted({1, min(8, s.max_batch_size), s.max_batch_size}))

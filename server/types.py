@@ -14,8 +14,6 @@ from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
 
-from models.schema import pack_values
-
 R = TypeVar("R", bound="Rows")
 
 
@@ -128,13 +126,14 @@ class BytesElements:
     data: memoryview
     starts: np.ndarray  # int64 (n,)
     lengths: np.ndarray  # int64 (n,)
+    packed_values: np.ndarray | None  # uint64 (n,) as PackedKeys packs them, None when one does not pack
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def packed(self) -> np.ndarray | None:
-        """uint64 (n,) of the packed values (:func:`models.schema.pack_values`), or None when one does not pack."""
-        return pack_values(self.data, self.starts, self.lengths)
+        """uint64 (n,) of the packed values, or None when one does not pack (see :class:`models.schema.PackedKeys`)."""
+        return self.packed_values
 
     def strings(self) -> list[str]:
         raw = bytes(self.data)

@@ -11,7 +11,7 @@ overlong line), :func:`_scan` walks the bytes once and writes the columns straig
   and skip reasons are exactly those of ``float()``: ``2.5``, ``1e3``, ``+5``, `` 12``, ``1_000`` are
   numbers, ``nan``, ``inf`` and ``1e400`` are not finite, ``0x10`` is no number;
 - a categorical value (and Avazu's ``hour``) of at most 8 bytes is packed into one ``uint64`` as it is
-  read (its bytes little-endian, zero-padded: ``models.schema.pack_values``'s packing, the key
+  read (its bytes little-endian, zero-padded: ``models.schema.PackedKeys``' packing, the key
   cache's input; ``""``, missing, is 0). A column that holds a longer value in a block is cut out of
   that block's lines in Python and factorised (:class:`Column`).
 
@@ -51,7 +51,7 @@ class Block:
     """The rows of a block of lines with the right field count, good or bad, and which of them are good.
 
     Columns hold every parsed row; ``kept`` selects the good ones (what the readers return). A
-    categorical column is a ``uint64`` array of packed values (:func:`models.schema.pack_values`'s
+    categorical column is a ``uint64`` array of packed values (:class:`models.schema.PackedKeys`'
     packing) or, for a column with a value longer than 8 bytes and Avazu's derived ``hour_of_day``
     and ``weekday``, a :class:`Column`.
     """

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from models.schema import FeatureSchema, PackedKeys, avazu_schema, criteo_schema, pack_values, transform_dense
+from models.schema import FeatureSchema, PackedKeys, avazu_schema, criteo_schema, transform_dense
 
 
 @pytest.mark.parametrize(
@@ -52,20 +52,8 @@ def test_transform_dense_edge_cases() -> None:
 
 
 def _packed(values: list[bytes]) -> np.ndarray:
-    data = b"".join(values)
-    lengths = np.array([len(v) for v in values], np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    packed = pack_values(data, starts, lengths)
-    assert packed is not None
-    return packed
-
-
-def test_pack_values_is_one_to_one_or_refuses() -> None:
-    assert _packed([b"", b"a", b"68fd1e64"]).tolist() == [0, 0x61, int.from_bytes(b"68fd1e64", "little")]
-    starts, lengths = np.array([0, 1]), np.array([1, 9])
-    assert pack_values(b"x123456789", starts, lengths) is None  # 9 bytes do not fit
-    assert pack_values(b"a\x00b", np.array([0]), np.array([3])) is None  # "a\0b" would pack like "a" + "b" bytes
-    assert pack_values(b"ab\x00", np.array([0]), np.array([2])) is not None  # a NUL past the value's end is fine
+    """PackedKeys' packing: the bytes little-endian, zero-padded to 8."""
+    return np.array([int.from_bytes(v.ljust(8, b"\0"), "little") for v in values], np.uint64)
 
 
 @pytest.mark.parametrize("slot_bits", [1, 16])  # one bit: two slots per field, so nearly every value collides

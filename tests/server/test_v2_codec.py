@@ -34,23 +34,28 @@ def body(values: list[bytes], rows: int, binary: bytes | None = None) -> tuple[b
     return head + dense + cats, str(len(head))
 
 
-# values that read like length prefixes themselves: offsets inside them are candidates of the chain too
+# values that read like length prefixes themselves
 tricky = st.sampled_from([b"", b"\0", b"\0\0\0\0", b"\x01\0\0\0x", b"\x04\0\0\0", b"\0\0\0\x08"])
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(tricky | st.binary(max_size=12), min_size=1, max_size=300))
-def test_element_starts_follow_the_length_prefixes(values: list[bytes]) -> None:
+def test_elements_follow_the_length_prefixes_and_pack_one_to_one(values: list[bytes]) -> None:
     raw = serialize(values)
-    located = codec._element_starts(memoryview(raw), len(values))
+    located = codec._elements(memoryview(raw), len(values))
     assert located is not None
-    starts, lengths = located
-    assert [raw[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)] == values
-    assert codec._element_starts(memoryview(raw), len(values) + 1) is None  # fewer elements than the count
+    assert [raw[s : s + n] for s, n in zip(located.starts.tolist(), located.lengths.tolist(), strict=True)] == values
+    packs = all(len(v) <= 8 and b"\0" not in v and v != b"\xff" * 8 for v in values)
+    if packs:  # the bytes, little-endian, zero-padded: one-to-one without NUL bytes
+        assert located.packed() is not None
+        assert located.packed().tolist() == [int.from_bytes(v.ljust(8, b"\0"), "little") for v in values]
+    else:
+        assert located.packed() is None
+    assert codec._elements(memoryview(raw), len(values) + 1) is None  # fewer elements than the count
     if len(values) > 1:
-        assert codec._element_starts(memoryview(raw), len(values) - 1) is None  # more
-    assert codec._element_starts(memoryview(raw[:-1]), len(values)) is None  # the last one cut short
-    assert codec._element_starts(memoryview(raw + b"\0"), len(values)) is None  # a stray byte
+        assert codec._elements(memoryview(raw), len(values) - 1) is None  # more
+    assert codec._elements(memoryview(raw[:-1]), len(values)) is None  # the last one cut short
+    assert codec._elements(memoryview(raw + b"\0"), len(values)) is None  # a stray byte
 
 
 def _error(b: bytes, header: str) -> str:
@@ -59,9 +64,8 @@ def _error(b: bytes, header: str) -> str:
     return str(e.value)
 
 
-def test_malformed_elements_get_the_element_by_element_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    values = [f"{i:08x}".encode() for i in range(26 * 8)]  # 208 elements: past BULK_ELEMENTS
-    assert len(values) >= codec.BULK_ELEMENTS
+def test_malformed_elements_get_the_element_by_element_messages() -> None:
+    values = [f"{i:08x}".encode() for i in range(26 * 8)]
     good = serialize(values)
     last = len(good) - 12  # where the last element starts
     cases = {
@@ -72,10 +76,7 @@ def test_malformed_elements_get_the_element_by_element_messages(monkeypatch: pyt
     }
     for raw, message in cases.items():
         b, h = body(values, 8, raw)
-        assert _error(b, h) == message
-        with monkeypatch.context() as m:
-            m.setattr(codec, "BULK_ELEMENTS", 10**9)  # element by element only: the same message
-            assert _error(b, h) == message
+        assert _error(b, h) == message  # the compiled walk refuses it; the element-by-element walk names it
     b, h = body(values, 8, good[:last])  # whole elements, one too few: the shape check says so
     request = codec.decode_infer_request(b, h)
     with pytest.raises(InvalidInput, match=r"input 'categorical': 207 values do not fill shape \[8, 26\]"):
@@ -135,13 +136,13 @@ def test_packed_rows_cut_and_glue_like_any_rows() -> None:
     np.testing.assert_array_equal(glued.dense, np.concatenate([a.dense for a in alone]))
 
 
-def test_a_large_body_takes_the_element_by_element_path() -> None:
-    raw = memoryview(bytes(codec.BULK_MAX_BYTES + 4))  # all zero: that many empty elements
-    assert codec._element_starts(raw, len(raw) // 4) is None
-    small = memoryview(bytes(4 * 1000))
-    starts, lengths = codec._element_starts(small, 1000) or (None, None)  # within the limits: found in bulk
-    assert starts is not None and lengths is not None
-    assert starts.tolist() == list(range(4, 4004, 4)) and not lengths.any()
+def test_a_body_of_many_empty_elements_is_walked_in_one_pass() -> None:
+    """All-zero bytes read as empty elements everywhere; the array search of before refused such bodies."""
+    raw = memoryview(bytes(4 * 100_000))
+    located = codec._elements(raw, 100_000)
+    assert located is not None
+    assert located.starts.tolist() == list(range(4, 400_004, 4)) and not located.lengths.any()
+    assert located.packed() is not None and not located.packed().any()  # "" packs as 0, the missing value
 
 
 def test_json_bytes_data_flat_or_nested() -> None:

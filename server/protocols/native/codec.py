@@ -12,8 +12,8 @@ left out), with the common values only:
   without fraction or exponent is a Python int to orjson, so ``-0`` is 0.0.
 - categorical: ``null`` or ``""`` (missing), a string of at most 8 ASCII bytes without escapes, or an
   integer of at most 8 characters (its decimal text: ``1005`` and ``"1005"`` are one token, as
-  everywhere). Each is packed into a ``uint64`` as :func:`models.schema.pack_values` packs it, for
-  :class:`~models.schema.PackedKeys`.
+  everywhere). Each is packed into a ``uint64`` for :class:`~models.schema.PackedKeys` (its bytes
+  little-endian, zero-padded).
 
 Anything else (whitespace aside) makes the scan answer None: another key, an ``entity``, a value
 in another form, a longer token, an escape, a non-ASCII byte, invalid JSON. The caller then parses the body

@@ -21,18 +21,16 @@ from typing import Any
 import numpy as np
 import orjson
 
+from models.jit import kernel
 from server.errors import InvalidInput
 from server.featurize import json_type
 from server.types import BytesElements, Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUT_NAME = "probability"
-# From this many BYTES elements on, array work beats a Python step per element (decode + featurize of the demo
-# model's 26-field rows, in process, two runs: 38-39 vs 54-76 us a request for one row, 57-81 vs 68-77 for two,
-# 73-83 vs 62-77 for three, 593-655 vs 151-209 for 32)
-BULK_ELEMENTS = 64
-BULK_MAX_BYTES = 4 << 20  # ... and up to this many bytes of them (its arrays take ~10 bytes a byte), far above
-# what LMA_MAX_INSTANCES_PER_REQUEST admits for any usual model (1,024 Criteo rows: ~320 KB)
+_BAD = -1
+_MAX_PACKED = 8  # bytes a packed value holds
+_EMPTY_SLOT = np.uint64(2**64 - 1)  # PackedKeys' empty-slot marker: eight 0xFF bytes never pack
 _NUMERIC: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "INT64": np.dtype("<i8"),
@@ -162,55 +160,67 @@ def _flatten_strings(name: str, data: list[object], out: list[str]) -> None:
             stack.pop()
 
 
-def _element_starts(raw: memoryview, count: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Where ``count`` BYTES elements (4-byte little-endian length, then the bytes) lie in ``raw``, with array work.
+@kernel
+def _walk(buf, starts, lengths, packed):  # type: ignore[no-untyped-def]
+    """Where the ``len(starts)`` BYTES elements of ``buf`` (4-byte little-endian length, then the bytes) lie, and
+    each one packed into ``packed`` as :class:`~models.schema.PackedKeys` packs values. 1 when every element
+    packs, 0 when one does not (longer than 8 bytes, a NUL byte, or eight 0xFF bytes: the cache's empty-slot
+    marker), _BAD unless ``buf`` holds exactly that many whole elements."""
+    n = buf.shape[0]
+    pos = 0
+    all_pack = True
+    for i in range(starts.shape[0]):
+        if pos + 4 > n:
+            return _BAD
+        length = np.int64(buf[pos]) | np.int64(buf[pos + 1]) << 8 | np.int64(buf[pos + 2]) << 16
+        length |= np.int64(buf[pos + 3]) << 24
+        s = pos + 4
+        if length > n - s:
+            return _BAD
+        starts[i] = s
+        lengths[i] = length
+        if all_pack:
+            if length > _MAX_PACKED:
+                all_pack = False
+            else:
+                w = np.uint64(0)
+                for k in range(length):
+                    b = buf[s + k]
+                    if b == 0:
+                        all_pack = False
+                    w |= np.uint64(b) << np.uint64(8 * k)
+                if w == _EMPTY_SLOT:
+                    all_pack = False
+                packed[i] = w
+        pos = s + length
+    if pos != n:
+        return _BAD
+    return 1 if all_pack else 0
 
-    Element i+1 starts at ``next(p) = p + 4 + length(p)`` of element i's start p: a chain. Only offsets whose
-    element would fit in ``raw`` can be on it (inside text, the 4 bytes read as a length are a huge number), so
-    the chain is followed among those candidates, by pointer doubling (``next``, ``next^2``, ``next^4``, ...
-    one gather each): log2(count) NumPy passes over about ``count`` entries instead of a Python step per
-    element. None unless ``raw`` holds exactly ``count`` whole elements, or when it is larger than
-    BULK_MAX_BYTES or far more offsets than elements are candidates (long runs of zero bytes): the caller
-    then walks it element by element, which names what is wrong. Memory: about 10 bytes per body byte, then
-    arrays of the candidates' size.
-    """
-    size = len(raw)
-    if count == 0 or size < 4 * count or size > BULK_MAX_BYTES:
+
+def _elements(raw: memoryview, count: int) -> BytesElements | None:
+    """``count`` BYTES elements of ``raw`` in one compiled pass (:func:`_walk`), or None unless ``raw`` holds
+    exactly ``count`` whole elements: the caller then walks it element by element, which names what is wrong."""
+    if count == 0:
         return None
-    # length(p) for every p with 4 bytes left (an overlapping view, no copy); its element fits if length(p)
-    # <= size - 4 - p (both uint32: bodies are far below 4 GiB)
-    lengths_at = np.ndarray((size - 3,), dtype="<u4", buffer=raw, strides=(1,))
-    cand = np.flatnonzero(lengths_at <= np.arange(size - 4, -1, -1, dtype=np.uint32))
-    k = len(cand)
-    if not k or cand[0] != 0 or k > 4 * count + 64:  # typical data: 1-2 stray offsets an element
+    starts, lengths = np.empty(count, np.int64), np.empty(count, np.int64)
+    packed = np.empty(count, np.uint64)
+    found = _walk(np.frombuffer(raw, np.uint8), starts, lengths, packed)
+    if found == _BAD:
         return None
-    end, bad = k, k + 1  # the index of offset `size`, and a sink: an offset that is no candidate
-    index = np.full(size + 1, bad, np.int32)  # offset -> its candidate index
-    index[cand] = np.arange(k, dtype=np.int32)
-    index[size] = end
-    jump = np.empty(k + 2, np.int64)
-    jump[:k] = index[cand + 4 + lengths_at[cand]]  # where each candidate's element ends: the next start, or `size`
-    jump[end] = jump[bad] = bad  # the end reached before the count is a short read
-    pos = np.empty(count + 1, np.int64)
-    pos[0], filled = 0, 1
-    while True:
-        take = min(filled, count + 1 - filled)
-        pos[filled : filled + take] = jump[pos[:take]]  # jump is next^filled here
-        filled += take
-        if filled > count:
-            break
-        jump = jump[jump]
-    if pos[count] != end:  # `end` and `bad` lead only to `bad`: every earlier element lies inside
-        return None
-    starts = cand[pos[:count]]
-    return starts + 4, lengths_at[starts].astype(np.int64)
+    return BytesElements(raw, starts, lengths, packed if found == 1 else None)
+
+
+def warm() -> None:
+    """Compile (or load from the cache) the element walk now: a model load pays it, not a first request."""
+    _elements(memoryview(b"\x01\x00\x00\x00a"), 1)
 
 
 def _binary_data(name: str, datatype: str, raw: memoryview, count: int) -> np.ndarray | list[str] | BytesElements:
     if datatype == "BYTES":
-        located = _element_starts(raw, count) if count >= BULK_ELEMENTS else None
+        located = _elements(raw, count)
         if located is not None:
-            return BytesElements(raw, *located)
+            return located
         values: list[str] = []
         pos, end = 0, len(raw)
         while pos < end:
