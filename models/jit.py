@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("lma.jit")
-_lock = threading.RLock()  # two reader threads calling a new kernel at once compile it once
+_lock = threading.RLock()  # two reader threads calling a new kernel at once make one dispatcher (Numba's own
+# compiler lock then compiles each signature once)
 
 
 class _Deferred:

@@ -39,6 +39,7 @@ _SLOT = np.dtype([("value", "<u8"), ("key", "<i8")])
 _EMPTY = np.uint64(2**64 - 1)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top slot_bits bits of value * this
 _PAIR = np.uint64(2**64 - 2)  # a hash's pair of slots starts at the even slot
+_CACHE_LINE = 64
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -218,8 +219,7 @@ class PackedKeys:
     """Keys of short values packed into ``uint64``, in bulk: a two-way cache of the schema's hash per field.
 
     A value of at most 8 bytes without a NUL byte packs one-to-one into a ``uint64`` (its UTF-8 bytes,
-    little-endian, zero-padded; ``""``, the missing value, packs as 0), except eight 0xFF bytes, the
-    empty-slot marker (not UTF-8; a binary tensor may carry it). Criteo and Avazu values (hex ids,
+    little-endian, zero-padded; ``""``, the missing value, packs as 0). Criteo and Avazu values (hex ids,
     small numbers) all do, so the readers (:mod:`models.data.keys`) and the server's binary BYTES tensors
     (:mod:`server.protocols.v2.codec`, and native bodies the server's scan read) hand whole arrays of them
     here. A table of ``2**slot_bits`` slots per field, in pairs, maps packed value -> key: the keys of a
@@ -236,9 +236,13 @@ class PackedKeys:
         if not 1 <= slot_bits <= 30:
             raise ValueError(f"slot_bits must be in [1, 30], got {slot_bits}")
         self.schema = schema
-        table = np.zeros((schema.num_fields, 1 << slot_bits), _SLOT)  # one record per slot: one access a lookup
-        table["value"] = _EMPTY
-        self._flat = table.reshape(-1)
+        slots = schema.num_fields << slot_bits
+        # 64-byte aligned, so that each pair of 16-byte slots lies in one cache line
+        memory = np.empty(slots * _SLOT.itemsize + _CACHE_LINE, np.uint8)
+        start = -memory.ctypes.data % _CACHE_LINE
+        self._flat = memory[start : start + slots * _SLOT.itemsize].view(_SLOT)
+        self._flat["value"] = _EMPTY
+        self._flat["key"] = -1  # no key is negative: an empty slot matches no value, not even eight 0xFF bytes
         self._pairs = self._flat.view(np.uint64).reshape(-1, 2)  # the same memory, as _lookup reads it
         self._base = np.arange(schema.num_fields, dtype=np.intp) << slot_bits  # first slot of each field
         self._shift = np.uint64(64 - slot_bits)
@@ -306,10 +310,12 @@ def _lookup(packed, table, first_field, bits, out):  # type: ignore[no-untyped-d
         for i in range(packed.shape[0]):
             v = packed[i, f]
             slot = base + (((v * _MULTIPLIER) >> shift) & _PAIR)
-            if table[slot, 0] == v:
-                out[i, f] = np.int64(table[slot, 1])
-            elif table[slot + np.uint64(1), 0] == v:
-                out[i, f] = np.int64(table[slot + np.uint64(1), 1])
+            first = np.int64(table[slot, 1])
+            second = np.int64(table[slot + np.uint64(1), 1])
+            if table[slot, 0] == v and first >= 0:
+                out[i, f] = first
+            elif table[slot + np.uint64(1), 0] == v and second >= 0:
+                out[i, f] = second
             else:
                 out[i, f] = -1
                 misses += 1

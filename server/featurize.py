@@ -20,9 +20,10 @@ Two payloads reach a model:
   keyed in bulk by the batcher (:class:`~models.schema.PackedKeys`: array work, no Python object per value).
 
 A native body whose instances are all in the canonical form (exactly ``dense`` and ``categorical``, each a
-full list) of common values (numbers; tokens of at most 8 ASCII bytes) is read by one compiled pass over
-its bytes (:func:`server.protocols.native.codec.scan_instances`) into :class:`PackedRows`, as binary v2
-tensors are: no Python object per value. Any other body is parsed by orjson and checked as below.
+full list; a key whose schema width is 0 may be left out) of common values (numbers; tokens of at most 8
+ASCII bytes) is read by one compiled pass over its bytes (:func:`server.protocols.native.codec.scan_instances`)
+into :class:`PackedRows`, as binary v2 tensors are: no Python object per value. Any other body is parsed by
+orjson and checked as below.
 
 Validation runs per request, so that every error is an :class:`~server.errors.InvalidInput` naming
 the instance (or tensor) and the field. Instances in the canonical form (exactly ``dense`` and
@@ -137,7 +138,8 @@ class RawRows:
 
 @dataclass(slots=True)
 class PackedRows:
-    """``size`` samples of a binary v2 request whose tokens all pack into 8 bytes, keyed when the batcher runs them.
+    """``size`` samples whose tokens all pack into 8 bytes (a binary v2 request, or a native body the codec's scan
+    read), keyed when the batcher runs them.
 
     Args:
         featurizer: the model's featurizer.

@@ -113,3 +113,18 @@ def test_two_hot_values_of_one_pair_of_slots_both_stay_cached() -> None:
     cache.rows(b)
     cache.rows(a)
     assert stored == [[pair[0]], [pair[1]], [pair[2]], [pair[0]]]
+
+
+def test_eight_ff_bytes_are_a_value_like_any_other() -> None:
+    """0xFF x 8 packs as the empty-slot value; empty slots hold key -1, which no key is, so it misses once."""
+    schema = FeatureSchema((), ("a",))
+    cache = PackedKeys(schema, slot_bits=4)
+    value = np.array([2**64 - 1], np.uint64)
+    for _ in range(2):
+        assert cache.field(0, value).tolist() == [schema.key(0, b"\xff" * 8)]
+        assert cache.rows(value.reshape(1, 1)).tolist() == [[schema.key(0, b"\xff" * 8)]]
+
+
+def test_each_pair_of_slots_lies_in_one_cache_line() -> None:
+    for bits in (1, 4, 15):
+        assert PackedKeys(criteo_schema(), slot_bits=bits)._pairs.ctypes.data % 64 == 0

@@ -45,7 +45,7 @@ def test_elements_follow_the_length_prefixes_and_pack_one_to_one(values: list[by
     located = codec._elements(memoryview(raw), len(values))
     assert located is not None
     assert [raw[s : s + n] for s, n in zip(located.starts.tolist(), located.lengths.tolist(), strict=True)] == values
-    packs = all(len(v) <= 8 and b"\0" not in v and v != b"\xff" * 8 for v in values)
+    packs = all(len(v) <= 8 and b"\0" not in v for v in values)
     if packs:  # the bytes, little-endian, zero-padded: one-to-one without NUL bytes
         assert located.packed() is not None
         assert located.packed().tolist() == [int.from_bytes(v.ljust(8, b"\0"), "little") for v in values]
@@ -108,14 +108,31 @@ def test_binary_bytes_keys_equal_the_json_path(odd: bytes | None) -> None:
     np.testing.assert_array_equal(got.dense, np.log1p(dense.astype(np.float64)).astype(np.float32))
 
 
-def test_eight_ff_bytes_are_no_empty_slot() -> None:
-    """0xFF x 8 is the packed cache's empty-slot marker: such a value takes the general path, with its own key."""
+def test_eight_ff_bytes_get_their_own_key_through_the_packed_cache() -> None:
+    """0xFF x 8 packs as the cache's empty-slot value; empty slots hold key -1, so it misses, then is stored."""
     schema = criteo_schema(2)
     values = [b"\xff" * 8 if i % 26 == 0 else b"68fd1e64" for i in range(26 * 4)]
     b, h = body(values, 4)
-    rows = Featurizer(schema).tensors_rows(codec.decode_infer_request(b, h).inputs, 4096)
-    assert not isinstance(rows, PackedRows)
-    assert to_batch([rows]).keys[0, 0] == schema.key(0, "\udcff" * 8) == schema.key(0, b"\xff" * 8)
+    featurizer = Featurizer(schema)
+    expected = schema.key(0, "\udcff" * 8)
+    assert expected == schema.key(0, b"\xff" * 8)
+    for _ in range(2):  # cold, then from the cache
+        rows = featurizer.tensors_rows(codec.decode_infer_request(b, h).inputs, 4096)
+        assert isinstance(rows, PackedRows)
+        assert to_batch([rows]).keys[:, 0].tolist() == [expected] * 4
+
+
+def test_a_shape_far_larger_than_the_body_is_bad_input_not_an_allocation() -> None:
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "categorical", "datatype": "BYTES", "shape": [10**12], "parameters": {"binary_data_size": 5}}
+            ]
+        }
+    )
+    request = codec.decode_infer_request(head + b"\x01\x00\x00\x00a", str(len(head)))  # one element found
+    with pytest.raises(InvalidInput, match=r"input 'categorical': shape \[1000000000000\] is not \[batch, 26\]"):
+        Featurizer(criteo_schema()).tensors_rows(request.inputs, 4096)
 
 
 def test_packed_rows_cut_and_glue_like_any_rows() -> None:

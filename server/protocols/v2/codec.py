@@ -30,7 +30,6 @@ HEADER_LENGTH = "inference-header-content-length"
 OUTPUT_NAME = "probability"
 _BAD = -1
 _MAX_PACKED = 8  # bytes a packed value holds
-_EMPTY_SLOT = np.uint64(2**64 - 1)  # PackedKeys' empty-slot marker: eight 0xFF bytes never pack
 _NUMERIC: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "INT64": np.dtype("<i8"),
@@ -164,8 +163,8 @@ def _flatten_strings(name: str, data: list[object], out: list[str]) -> None:
 def _walk(buf, starts, lengths, packed):  # type: ignore[no-untyped-def]
     """Where the ``len(starts)`` BYTES elements of ``buf`` (4-byte little-endian length, then the bytes) lie, and
     each one packed into ``packed`` as :class:`~models.schema.PackedKeys` packs values. 1 when every element
-    packs, 0 when one does not (longer than 8 bytes, a NUL byte, or eight 0xFF bytes: the cache's empty-slot
-    marker), _BAD unless ``buf`` holds exactly that many whole elements."""
+    packs, 0 when one does not (longer than 8 bytes, or a NUL byte: its packing would not be one-to-one),
+    _BAD unless ``buf`` holds exactly that many whole elements."""
     n = buf.shape[0]
     pos = 0
     all_pack = True
@@ -189,8 +188,6 @@ def _walk(buf, starts, lengths, packed):  # type: ignore[no-untyped-def]
                     if b == 0:
                         all_pack = False
                     w |= np.uint64(b) << np.uint64(8 * k)
-                if w == _EMPTY_SLOT:
-                    all_pack = False
                 packed[i] = w
         pos = s + length
     if pos != n:
@@ -201,7 +198,7 @@ def _walk(buf, starts, lengths, packed):  # type: ignore[no-untyped-def]
 def _elements(raw: memoryview, count: int) -> BytesElements | None:
     """``count`` BYTES elements of ``raw`` in one compiled pass (:func:`_walk`), or None unless ``raw`` holds
     exactly ``count`` whole elements: the caller then walks it element by element, which names what is wrong."""
-    if count == 0:
+    if count == 0 or count > len(raw) // 4:  # every element takes 4 bytes at least; the count is the client's
         return None
     starts, lengths = np.empty(count, np.int64), np.empty(count, np.int64)
     packed = np.empty(count, np.uint64)
