@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +36,8 @@ from tests.helpers.serving import (
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 RELOAD = "/v1/models/criteo:reload"
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def samples(client: TestClient, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -292,3 +296,30 @@ def test_a_feature_csv_row_the_csv_module_refuses_is_an_error_naming_file_and_li
     big.write_text("entity,C1\nu1,a\nu2," + "x" * 200_000 + "\n")  # over csv's field size limit (131,072)
     with pytest.raises(ValueError, match=rf"^{big}, line 3: field larger than field limit"):
         InMemoryFeatureStore.from_file(big)
+
+
+def test_a_model_load_compiles_the_kernels_of_the_request_path(bundles: Bundles, tmp_path: Path) -> None:
+    """In a fresh process: before any request, the native body scan, the binary v2 walk and the key lookup are
+    compiled (or loaded from Numba's cache), so that no first request waits seconds for a compiler."""
+    repo = make_repo(tmp_path / "repo", bundles.criteo_v1)
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+from models import schema
+from server.metrics import Metrics
+from server.protocols.native import codec as native
+from server.protocols.v2 import codec as v2
+from server.registry import ModelRegistry
+from tests.helpers.serving import settings_for
+kernels = (native._scan, v2._walk, schema._lookup)
+before = [k._compiled is not None for k in kernels]
+async def main():
+    registry = ModelRegistry(settings_for(Path({str(repo)!r})), Metrics())
+    await registry.load_repository()
+    await registry.close()
+asyncio.run(main())
+print(before, [bool(k._compiled is not None and k._compiled.signatures) for k in kernels])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[False, False, False] [True, True, True]"
