@@ -56,11 +56,11 @@ class _Deferred:
                 names[name] = helper.dispatcher
         from numba import njit
 
-        if not self._options.get("cache"):
-            return njit(**self._options)(fn)
         try:
             return njit(**self._options)(fn)
         except RuntimeError as e:  # "cannot cache function ...: no locator available": nowhere writable
+            if not self._options.get("cache"):
+                raise
             log.info("%s: compiled in this process, not cached (%s)", fn.__qualname__, e)
             return njit(**{**self._options, "cache": False})(fn)
 

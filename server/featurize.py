@@ -418,7 +418,7 @@ class Featurizer:
         if cat.datatype == "BYTES":
             data = cat.data
             if isinstance(data, BytesElements):  # the binary extension: keys in bulk where the values pack
-                packed = data.packed()
+                packed = data.packed
                 if packed is not None:
                     return PackedRows(self, rows, raw, packed.reshape(rows, self.num_fields))
                 data = data.strings()

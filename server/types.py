@@ -119,21 +119,17 @@ class Tensor:
 class BytesElements:
     """The BYTES elements of a binary input, where they lie in the body: no Python object per element.
 
-    Element i is ``data[starts[i] : starts[i] + lengths[i]]``. :meth:`packed` hands short values to the
+    Element i is ``data[starts[i] : starts[i] + lengths[i]]``. ``packed`` hands short values to the
     schema's bulk key cache (:class:`models.schema.PackedKeys`); :meth:`strings` is the general path.
     """
 
     data: memoryview
     starts: np.ndarray  # int64 (n,)
     lengths: np.ndarray  # int64 (n,)
-    packed_values: np.ndarray | None  # uint64 (n,) as PackedKeys packs them, None when one does not pack
+    packed: np.ndarray | None  # uint64 (n,) as models.schema.PackedKeys packs them, None when one does not pack
 
     def __len__(self) -> int:
         return len(self.starts)
-
-    def packed(self) -> np.ndarray | None:
-        """uint64 (n,) of the packed values, or None when one does not pack (see :class:`models.schema.PackedKeys`)."""
-        return self.packed_values
 
     def strings(self) -> list[str]:
         raw = bytes(self.data)

@@ -47,10 +47,10 @@ def test_elements_follow_the_length_prefixes_and_pack_one_to_one(values: list[by
     assert [raw[s : s + n] for s, n in zip(located.starts.tolist(), located.lengths.tolist(), strict=True)] == values
     packs = all(len(v) <= 8 and b"\0" not in v for v in values)
     if packs:  # the bytes, little-endian, zero-padded: one-to-one without NUL bytes
-        assert located.packed() is not None
-        assert located.packed().tolist() == [int.from_bytes(v.ljust(8, b"\0"), "little") for v in values]
+        assert located.packed is not None
+        assert located.packed.tolist() == [int.from_bytes(v.ljust(8, b"\0"), "little") for v in values]
     else:
-        assert located.packed() is None
+        assert located.packed is None
     assert codec._elements(memoryview(raw), len(values) + 1) is None  # fewer elements than the count
     if len(values) > 1:
         assert codec._elements(memoryview(raw), len(values) - 1) is None  # more
@@ -159,7 +159,7 @@ def test_a_body_of_many_empty_elements_is_walked_in_one_pass() -> None:
     located = codec._elements(raw, 100_000)
     assert located is not None
     assert located.starts.tolist() == list(range(4, 400_004, 4)) and not located.lengths.any()
-    assert located.packed() is not None and not located.packed().any()  # "" packs as 0, the missing value
+    assert located.packed is not None and not located.packed.any()  # "" packs as 0, the missing value
 
 
 def test_json_bytes_data_flat_or_nested() -> None:
