@@ -4,20 +4,21 @@
 alike: it gives the request its id (the client's ``X-Request-ID`` when it is a safe token, else a new
 one), turns a :class:`~server.errors.ServingError` into its status and body (:meth:`Reply.error`; an
 unexpected exception into a logged 500), adds ``X-Request-ID`` to the response, counts and times the
-request (:class:`RequestRecorder`) and hands its access-log line to a background thread
+request (:class:`RequestRecorder`) and formats its access-log line, which a background thread writes
 (:class:`AccessLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import http
 import logging
 import os
-import queue
 import random
 import threading
+import time
 import zlib
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from server.errors import (
     UnsupportedMediaType,
     status_of,
 )
+from server.logs import json_entry, json_line, lines_handler
 from server.metrics import Metrics
 
 log = logging.getLogger("lma.server")
@@ -303,28 +305,102 @@ class Reply:
 
 
 class AccessLog:
-    """The access log, written by a background thread: the event loop only queues a dict per request."""
+    """The access log: the event loop formats each request's line, a background thread writes them in batches.
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+    A line costs the loop a dict and an ``orjson`` call (:func:`access_line`); every ``interval`` seconds the
+    thread takes the lines queued and writes them. Formatting stays on the loop on purpose: a thread that
+    formats a batch holds the GIL for milliseconds at a time, and the loop waits for it (a higher p99, in
+    docs/BENCHMARKS.md); on the loop it is a few µs a request. The thread writes through
+    :meth:`~server.logs.JsonLinesHandler.write_lines` when that handler (the one
+    :func:`~server.logs.configure_logging` installs) is the only one the lines reach: a few writes per batch,
+    each at most ``PIPE_BUF`` bytes and cut at a line end, so lines of workers sharing stderr never interleave.
+    Otherwise each line becomes a record handed to the logger's handlers, as any log line (tests, embedding
+    apps). Each line's ``ts`` is the time its request finished, not the time it was written.
+
+    The queue holds at most ``max_queued`` lines: while the stream does not keep up (a stalled log collector),
+    newer lines are dropped and counted in ``dropped`` rather than growing the server's memory without bound.
+    """
+
+    def __init__(
+        self, dropped: Any = None, interval: float = 0.05, max_queued: int = 65_536, logger: logging.Logger = access_log
+    ) -> None:
+        self._logger = logger
+        self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._dropped = dropped
+        self._interval = interval
+        self._max_queued = max_queued
+        self._lost = 0  # lines dropped, ever (only write() adds to it)
+        self._reported = 0  # of those, the ones counted and logged (only the thread adds to it)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lma-access-log", daemon=True)
         self._thread.start()
 
-    def write(self, fields: dict[str, Any]) -> None:
-        self._queue.put(fields)
+    def write(self, finished: float, line: bytes) -> None:
+        """Queue one line (from :func:`access_line`) of a request that finished at ``finished`` (:func:`time.time`)."""
+        if len(self._queue) < self._max_queued:
+            self._queue.append((finished, line))
+        else:
+            self._lost += 1
 
     def _run(self) -> None:
-        while True:
-            fields = self._queue.get()
-            if fields is None:
+        while not self._stop.wait(self._interval):
+            self._write_queued()
+        self._write_queued()
+
+    def _write_queued(self) -> None:
+        queued = self._queue
+        batch = [queued.popleft() for _ in range(len(queued))]
+        lost = self._lost - self._reported
+        self._reported += lost
+        if lost:
+            if self._dropped is not None:
+                self._dropped.inc(lost)
+            log.warning(
+                "access log: dropped lines, the log stream was not keeping up",
+                extra={"fields": {"dropped": lost, "max_queued": self._max_queued}},
+            )
+        logger = self._logger
+        if not batch or not logger.isEnabledFor(logging.INFO):
+            return
+        with contextlib.suppress(Exception):  # a broken handler must not kill the thread
+            handler = lines_handler(logger, logging.INFO)
+            if handler is not None:
+                handler.write_lines([line for _, line in batch])
                 return
-            with contextlib.suppress(Exception):  # a broken handler must not kill the thread
-                access_log.info("request", extra={"fields": fields})
+            for finished, line in batch:
+                fields = orjson.loads(line)
+                for key in _LINE_KEYS:
+                    del fields[key]
+                record = logger.makeRecord(
+                    logger.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields}
+                )
+                record.created = finished
+                record.msecs = int((finished - int(finished)) * 1000)
+                logger.handle(record)
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
-        self._queue.put(None)
+        self._stop.set()
         self._thread.join(timeout=10)
+
+
+_LINE_KEYS = ("ts", "level", "logger", "msg")  # what json_entry puts before a line's fields
+
+
+def access_line(finished: float, method: str, route: str, ctx: RequestContext, status: int, elapsed: float) -> bytes:
+    """A request's access line: where it went, who answered, how it ended, its timings in ms (never its body)."""
+    fields: dict[str, Any] = {
+        "request_id": ctx.request_id,
+        "method": method,
+        "route": route,
+        "model": ctx.model,
+        "version": ctx.version,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+    }
+    for k, v in ctx.timings.items():
+        fields[k] = round(v * 1000, 3)
+    return json_line(json_entry(finished, "info", access_log.name, "request", None, fields))
 
 
 class RequestRecorder:
@@ -332,7 +408,7 @@ class RequestRecorder:
 
     def __init__(self, metrics: Metrics, log_requests: bool = True) -> None:
         self.metrics = metrics
-        self.access_log = AccessLog() if log_requests else None
+        self.access_log = AccessLog(metrics.access_log_dropped) if log_requests else None
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[tuple[str, str], Any] = {}
 
@@ -349,18 +425,8 @@ class RequestRecorder:
             histogram = self._histograms[hkey] = self.metrics.request_duration.labels(*hkey)
         pending.observe(histogram, elapsed)
         if self.access_log is not None:
-            fields: dict[str, Any] = {
-                "request_id": ctx.request_id,
-                "method": method,
-                "route": route,
-                "model": ctx.model,
-                "version": ctx.version,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-            }
-            for k, v in ctx.timings.items():
-                fields[k] = round(v * 1000, 3)
-            self.access_log.write(fields)
+            finished = time.time()
+            self.access_log.write(finished, access_line(finished, method, route, ctx, status, elapsed))
 
     def close(self) -> None:
         if self.access_log is not None:

@@ -1,16 +1,23 @@
 """Structured logs: one JSON object per line, never request payloads.
 
-``configure_logging`` installs :class:`JsonFormatter` on the root logger (the CLI and
-``app_from_env`` call it; :func:`server.app.build_app` leaves logging alone so tests and embedding
-applications keep theirs). Fields passed with ``extra={"fields": {...}}`` become top-level keys.
+``configure_logging`` installs :class:`JsonLinesHandler` (with :class:`JsonFormatter`) on the root logger
+(the CLI and ``app_from_env`` call it; :func:`server.app.build_app` leaves logging alone so tests and
+embedding applications keep theirs). Fields passed with ``extra={"fields": {...}}`` become top-level keys.
+
+Writers of many lines (the access log) format them with :func:`json_line` and hand them to
+:meth:`JsonLinesHandler.write_lines`, which writes them a few kilobytes at a time, each write at most
+``PIPE_BUF`` bytes cut at a line end: the workers share one stderr, and only writes of at most
+``PIPE_BUF`` bytes to a pipe are atomic, so a longer write could interleave with another worker's mid-line.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import select
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -30,28 +37,107 @@ def _record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
 logging.setLogRecordFactory(_record_with_request_id)
 
 
+PIPE_BUF = select.PIPE_BUF  # the longest write to a pipe that POSIX keeps whole (4,096 bytes on Linux)
+
+
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text: lines come many per second
+
+
+def timestamp(created: float) -> str:
+    """``created`` (seconds since the epoch) as the lines' ``ts``: UTC, milliseconds, ``Z``."""
+    global _second
+    whole = int(created)
+    second, text = _second
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int((created - whole) * 1000):03d}Z"
+
+
+def json_entry(
+    created: float, level: str, logger: str, msg: str, request_id: str | None, fields: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One log line's keys, in order: the one layout of every line, whoever writes it."""
+    entry: dict[str, Any] = {"ts": timestamp(created), "level": level, "logger": logger, "msg": msg}
+    if request_id is not None:
+        entry["request_id"] = request_id
+    if fields:
+        entry.update(fields)
+    return entry
+
+
+def json_line(entry: dict[str, Any]) -> bytes:
+    """An entry's JSON, without the newline."""
+    return orjson.dumps(entry, default=str)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        rid = getattr(record, "request_id", None)
-        if rid is not None:
-            entry["request_id"] = rid
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
+        entry = json_entry(
+            record.created, record.levelname.lower(), record.name, record.getMessage(),
+            getattr(record, "request_id", None), getattr(record, "fields", None),
+        )  # fmt: skip
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return json_line(entry).decode()
+
+
+def pipe_chunks(lines: Sequence[bytes], limit: int = PIPE_BUF) -> Iterator[bytes]:
+    """``lines`` joined, each followed by a newline, in order, cut at line ends into chunks of at most ``limit``
+    bytes; a line longer than that is a chunk of its own."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        n = len(line) + 1
+        if chunk and size + n > limit:
+            yield b"\n".join(chunk) + b"\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += n
+    if chunk:
+        yield b"\n".join(chunk) + b"\n"
+
+
+class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """JSON lines on a stream (stderr): one record at a time like any handler, or many at once."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self.setFormatter(JsonFormatter())
+
+    def write_lines(self, lines: Sequence[bytes]) -> None:
+        """Write lines made by :func:`json_line`, one ``write`` (and flush) per :func:`pipe_chunks` chunk."""
+        with self.lock:  # type: ignore[union-attr]
+            stream = self.stream
+            stream.flush()  # whatever a record left in the stream's buffer goes first, alone
+            for chunk in pipe_chunks(lines):
+                stream.write(chunk.decode())
+                stream.flush()
+
+
+def lines_handler(logger: logging.Logger, level: int) -> JsonLinesHandler | None:
+    """The handler that a record of ``level`` from ``logger`` would reach, when it is the only one and a
+    :class:`JsonLinesHandler` with no filters on the way: lines written with its ``write_lines`` then come
+    out exactly as records would. None otherwise (another handler or a filter would see records)."""
+    if logger.disabled:
+        return None
+    found: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        found.extend(current.handlers)
+        if not current.propagate:
+            break
+        current = current.parent
+    if len(found) != 1 or type(found[0]) is not JsonLinesHandler:
+        return None
+    handler = found[0]
+    return handler if level >= handler.level and not handler.filters else None
 
 
 def configure_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler = JsonLinesHandler(sys.stderr)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -225,6 +225,10 @@ class Metrics:
         self.feature_store_misses = Counter(
             "lma_feature_store_misses_total", "Entities of a fetch with nothing stored", ["model"], registry=r
         )
+        self.access_log_dropped = Counter(
+            "lma_access_log_dropped_total", "Access-log lines dropped because the log stream did not keep up",
+            registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "lma_model_reloads_total", "Model swaps by result (ok, failed, rejected)", ["model", "result"], registry=r
         )

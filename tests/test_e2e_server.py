@@ -3,7 +3,8 @@
 - hot swaps (admin reload, then a new version published into the watched repository) while
   requests keep coming: not one request fails, and each answer names the version that scored it;
 - SIGTERM while requests wait in the queue: every accepted request is answered, exit status 0;
-- two worker processes: /metrics of either one counts the requests of both.
+- two worker processes: /metrics of either one counts the requests of both, and the log has the access
+  lines of both.
 """
 
 from __future__ import annotations
@@ -141,6 +142,10 @@ def test_two_workers_share_their_metrics(bundles: Bundles, tmp_path: Path) -> No
             == 1
         )
         assert server.stop() == 0
+        # both workers' access lines, written in batches into the one log: every one whole, none lost at SIGTERM
+        access = [e for e in server.logs() if e["logger"] == "lma.server.access" and e["route"] == route["route"]]
+        assert sorted(e["status"] for e in access) == [200] * 20
+        assert len({e["request_id"] for e in access}) == 20
     finally:
         server.stop()
 
