@@ -40,7 +40,7 @@ from server.errors import (
     UnsupportedMediaType,
     status_of,
 )
-from server.logs import json_entry, json_line, lines_handler
+from server.logs import json_entry, json_line, lines_handler, timestamp
 from server.metrics import Metrics
 
 log = logging.getLogger("lma.server")
@@ -313,12 +313,15 @@ class AccessLog:
     docs/BENCHMARKS.md); on the loop it is a few µs a request. The thread writes through
     :meth:`~server.logs.JsonLinesHandler.write_lines` when that handler (the one
     :func:`~server.logs.configure_logging` installs) is the only one the lines reach: a few writes per batch,
-    each at most ``PIPE_BUF`` bytes and cut at a line end, so lines of workers sharing stderr never interleave.
-    Otherwise each line becomes a record handed to the logger's handlers, as any log line (tests, embedding
-    apps). Each line's ``ts`` is the time its request finished, not the time it was written.
+    each cut at a line end and at most ``PIPE_BUF`` bytes (unless one line is longer), so lines of workers
+    sharing stderr never interleave. Otherwise each line becomes a record handed to the logger's handlers, as any
+    log line (tests, embedding apps). Each line's ``ts`` is the time its request finished, not the time it was
+    written.
 
     The queue holds at most ``max_queued`` lines: while the stream does not keep up (a stalled log collector),
-    newer lines are dropped and counted in ``dropped`` rather than growing the server's memory without bound.
+    newer lines are dropped rather than growing the server's memory without bound. Those, and lines a failing
+    stream did not take, are counted in ``dropped`` and logged as a warning. Nothing that goes wrong in a batch
+    stops the thread.
     """
 
     def __init__(
@@ -329,8 +332,8 @@ class AccessLog:
         self._dropped = dropped
         self._interval = interval
         self._max_queued = max_queued
-        self._lost = 0  # lines dropped, ever (only write() adds to it)
-        self._reported = 0  # of those, the ones counted and logged (only the thread adds to it)
+        self._full = 0  # lines refused by a full queue, ever (only write() adds to it)
+        self._full_counted = 0  # of those, the ones counted and logged (only the thread adds to it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lma-access-log", daemon=True)
         self._thread.start()
@@ -340,48 +343,63 @@ class AccessLog:
         if len(self._queue) < self._max_queued:
             self._queue.append((finished, line))
         else:
-            self._lost += 1
+            self._full += 1
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            self._write_safely()
+        self._write_safely()
+
+    def _write_safely(self) -> None:
+        try:
             self._write_queued()
-        self._write_queued()
+        except Exception:  # the thread must live on: without it, every later line would be dropped unseen
+            with contextlib.suppress(Exception):
+                log.exception("access log: writing a batch failed")
 
     def _write_queued(self) -> None:
         queued = self._queue
         batch = [queued.popleft() for _ in range(len(queued))]
-        lost = self._lost - self._reported
-        self._reported += lost
-        if lost:
-            if self._dropped is not None:
-                self._dropped.inc(lost)
-            log.warning(
-                "access log: dropped lines, the log stream was not keeping up",
-                extra={"fields": {"dropped": lost, "max_queued": self._max_queued}},
-            )
+        full = self._full - self._full_counted
+        self._full_counted += full
+        unwritten = 0
         logger = self._logger
-        if not batch or not logger.isEnabledFor(logging.INFO):
-            return
-        with contextlib.suppress(Exception):  # a broken handler must not kill the thread
+        if batch and logger.isEnabledFor(logging.INFO):
             handler = lines_handler(logger, logging.INFO)
             if handler is not None:
-                handler.write_lines([line for _, line in batch])
-                return
-            for finished, line in batch:
-                fields = orjson.loads(line)
-                for key in _LINE_KEYS:
-                    del fields[key]
-                record = logger.makeRecord(
-                    logger.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields}
-                )
-                record.created = finished
-                record.msecs = int((finished - int(finished)) * 1000)
-                logger.handle(record)
+                unwritten = handler.write_lines([line for _, line in batch])
+            else:
+                for finished, line in batch:
+                    try:
+                        logger.handle(_record(logger, finished, line))
+                    except Exception:
+                        unwritten += 1
+        if full or unwritten:
+            if self._dropped is not None:
+                self._dropped.inc(full + unwritten)
+            log.warning(
+                "access log: lines dropped",
+                extra={"fields": {"queue_full": full, "not_written": unwritten, "max_queued": self._max_queued}},
+            )
 
     def close(self) -> None:
-        """Write what is queued, then stop the thread."""
+        """Write what is queued, then stop the thread (waiting at most 10 s for it); lines queued later are not
+        written."""
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            log.warning("access log: the writer did not finish within 10 s; its last lines may be lost")
+
+
+def _record(logger: logging.Logger, finished: float, line: bytes) -> logging.LogRecord:
+    """``line`` as the record it was made from: ``fields`` under the logger's name, created at ``finished``."""
+    fields = orjson.loads(line)
+    for key in _LINE_KEYS:
+        del fields[key]
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields})
+    record.created = finished
+    record.msecs = (finished - int(finished)) * 1000 // 1
+    return record
 
 
 _LINE_KEYS = ("ts", "level", "logger", "msg")  # what json_entry puts before a line's fields
@@ -400,7 +418,7 @@ def access_line(finished: float, method: str, route: str, ctx: RequestContext, s
     }
     for k, v in ctx.timings.items():
         fields[k] = round(v * 1000, 3)
-    return json_line(json_entry(finished, "info", access_log.name, "request", None, fields))
+    return json_line(json_entry(timestamp(finished), "info", access_log.name, "request", None, fields))
 
 
 class RequestRecorder:

@@ -43,22 +43,25 @@ PIPE_BUF = select.PIPE_BUF  # the longest write to a pipe that POSIX keeps whole
 _second: tuple[int, str] = (-1, "")  # the last second formatted, and its text: lines come many per second
 
 
-def timestamp(created: float) -> str:
-    """``created`` (seconds since the epoch) as the lines' ``ts``: UTC, milliseconds, ``Z``."""
+def timestamp(created: float, millis: int | None = None) -> str:
+    """``created`` (seconds since the epoch) as the lines' ``ts``: UTC, milliseconds (``millis``, else from
+    ``created``), ``Z``."""
     global _second
     whole = int(created)
     second, text = _second
     if whole != second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second = (whole, text)
-    return f"{text}.{int((created - whole) * 1000):03d}Z"
+        _second = (whole, text)  # one tuple: a thread reading it never sees half of an update
+    if millis is None:
+        millis = int((created - whole) * 1000)
+    return f"{text}.{millis:03d}Z"
 
 
 def json_entry(
-    created: float, level: str, logger: str, msg: str, request_id: str | None, fields: dict[str, Any] | None
+    ts: str, level: str, logger: str, msg: str, request_id: str | None, fields: dict[str, Any] | None
 ) -> dict[str, Any]:
     """One log line's keys, in order: the one layout of every line, whoever writes it."""
-    entry: dict[str, Any] = {"ts": timestamp(created), "level": level, "logger": logger, "msg": msg}
+    entry: dict[str, Any] = {"ts": ts, "level": level, "logger": logger, "msg": msg}
     if request_id is not None:
         entry["request_id"] = request_id
     if fields:
@@ -74,7 +77,7 @@ def json_line(entry: dict[str, Any]) -> bytes:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = json_entry(
-            record.created, record.levelname.lower(), record.name, record.getMessage(),
+            timestamp(record.created, int(record.msecs)), record.levelname.lower(), record.name, record.getMessage(),
             getattr(record, "request_id", None), getattr(record, "fields", None),
         )  # fmt: skip
         if record.exc_info:
@@ -105,27 +108,37 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.setFormatter(JsonFormatter())
 
-    def write_lines(self, lines: Sequence[bytes]) -> None:
-        """Write lines made by :func:`json_line`, one ``write`` (and flush) per :func:`pipe_chunks` chunk."""
-        with self.lock:  # type: ignore[union-attr]
-            stream = self.stream
-            stream.flush()  # whatever a record left in the stream's buffer goes first, alone
+    def write_lines(self, lines: Sequence[bytes]) -> int:
+        """Write lines made by :func:`json_line`, one ``write`` (and flush) per :func:`pipe_chunks` chunk, taking
+        the handler's lock per chunk (a record logged meanwhile waits for one chunk, not the batch). A failing
+        stream is reported once through :meth:`handleError`, as a failing record is. Returns how many lines were
+        not written (those of the failed chunk and after)."""
+        written = 0
+        try:
             for chunk in pipe_chunks(lines):
-                stream.write(chunk.decode())
-                stream.flush()
+                with self.lock:  # type: ignore[union-attr]
+                    stream = self.stream
+                    stream.flush()  # what another writer left in the stream's buffer goes out first, alone
+                    stream.write(chunk.decode())
+                    stream.flush()
+                written += chunk.count(b"\n")  # one per line: JSON escapes newlines inside strings
+        except Exception:
+            message = f"{len(lines) - written} access-log lines not written"
+            record = logging.LogRecord("lma.server.access", logging.ERROR, __file__, 0, message, (), None)
+            self.handleError(record)
+        return len(lines) - written
 
 
 def lines_handler(logger: logging.Logger, level: int) -> JsonLinesHandler | None:
-    """The handler that a record of ``level`` from ``logger`` would reach, when it is the only one and a
-    :class:`JsonLinesHandler` with no filters on the way: lines written with its ``write_lines`` then come
-    out exactly as records would. None otherwise (another handler or a filter would see records)."""
-    if logger.disabled:
+    """The handler that a record of ``level`` from ``logger`` would reach, when it is the only one, a
+    :class:`JsonLinesHandler` with its own formatter and terminator, and no filter of ``logger`` or of the
+    handler would see the record: lines written with its ``write_lines`` then come out as records would.
+    None otherwise. (Logging applies the filters of the logger a record starts at, not of its parents.)"""
+    if logger.disabled or logger.filters or not logger.isEnabledFor(level):
         return None
     found: list[logging.Handler] = []
     current: logging.Logger | None = logger
     while current is not None:
-        if current.filters:
-            return None
         found.extend(current.handlers)
         if not current.propagate:
             break
@@ -133,7 +146,9 @@ def lines_handler(logger: logging.Logger, level: int) -> JsonLinesHandler | None
     if len(found) != 1 or type(found[0]) is not JsonLinesHandler:
         return None
     handler = found[0]
-    return handler if level >= handler.level and not handler.filters else None
+    if level < handler.level or handler.filters or type(handler.formatter) is not JsonFormatter:
+        return None
+    return handler if handler.terminator == "\n" else None
 
 
 def configure_logging(level: str = "info") -> None:

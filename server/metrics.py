@@ -226,7 +226,7 @@ class Metrics:
             "lma_feature_store_misses_total", "Entities of a fetch with nothing stored", ["model"], registry=r
         )
         self.access_log_dropped = Counter(
-            "lma_access_log_dropped_total", "Access-log lines dropped because the log stream did not keep up",
+            "lma_access_log_dropped_total", "Access-log lines dropped: the queue was full, or the log stream failed",
             registry=r,
         )  # fmt: skip
         self.reloads = Counter(

@@ -142,7 +142,8 @@ def test_two_workers_share_their_metrics(bundles: Bundles, tmp_path: Path) -> No
             == 1
         )
         assert server.stop() == 0
-        # both workers' access lines, written in batches into the one log: every one whole, none lost at SIGTERM
+        # both workers' access lines, written in batches into the one log, every one whole (the last batch at
+        # shutdown: tests/server/test_access_log.py)
         access = [e for e in server.logs() if e["logger"] == "lma.server.access" and e["route"] == route["route"]]
         assert sorted(e["status"] for e in access) == [200] * 20
         assert len({e["request_id"] for e in access}) == 20

@@ -3,7 +3,8 @@
 - the chunks of a batch are exact: every line whole, in order, none longer than ``PIPE_BUF`` unless one line is;
 - a line written in a batch is the very text the formatter makes of the same line as a record;
 - with any other handler in the way (caplog, an embedding app's), each line is a record, with its finish time;
-- a stalled stream drops lines past the bound and counts them; nothing is written below the logger's level;
+- a stalled stream drops lines past the bound and counts them, as a failing stream's; a failed batch does not
+  stop the thread; nothing is written below the logger's level;
 - four processes writing at once into one pipe (the workers' shared stderr) never interleave mid-line.
 """
 
@@ -47,6 +48,7 @@ def own() -> tuple[logging.Logger, io.StringIO]:
 
 def test_a_batch_is_cut_at_line_ends_into_pipe_atomic_chunks() -> None:
     lines = [b"a" * 9, b"b" * 9, b"c" * 25, b"d" * 4, b"e" * 4]
+    assert PIPE_BUF >= 512  # POSIX's least; Linux: 4,096
     assert list(pipe_chunks(lines, limit=20)) == [
         b"a" * 9 + b"\n" + b"b" * 9 + b"\n",
         b"c" * 25 + b"\n",
@@ -54,10 +56,10 @@ def test_a_batch_is_cut_at_line_ends_into_pipe_atomic_chunks() -> None:
     ]
     assert list(pipe_chunks([], limit=20)) == []
     many = [b"x" * n for n in (100, 3000, 995, 1, 4095, 4096, 17, 2000, 2000, 96)]
-    chunks = list(pipe_chunks(many))
+    chunks = list(pipe_chunks(many, limit=4096))
     assert b"".join(chunks) == b"".join(x + b"\n" for x in many)
     assert all(c.endswith(b"\n") for c in chunks)
-    assert [len(c) for c in chunks] == [3102, 998, PIPE_BUF, 4097, 4020, 97]  # 4097: the one line of 4096 bytes
+    assert [len(c) for c in chunks] == [3102, 998, 4096, 4097, 4020, 97]  # 4097: the one line of 4096 bytes
 
 
 def test_timestamps_are_utc_with_milliseconds_across_seconds() -> None:
@@ -83,6 +85,16 @@ def test_only_a_lone_json_lines_handler_takes_lines_directly(own: tuple[logging.
     logger.addFilter(lambda r: True)
     assert lines_handler(logger, logging.INFO) is None
     logger.filters.clear()
+    handler.addFilter(lambda r: True)
+    assert lines_handler(logger, logging.INFO) is None
+    handler.filters.clear()
+    formatter = handler.formatter
+    handler.setFormatter(type("WithHost", (JsonFormatter,), {})())  # a subclass may add keys: records only
+    assert lines_handler(logger, logging.INFO) is None
+    handler.setFormatter(formatter)
+    handler.terminator = "\r\n"
+    assert lines_handler(logger, logging.INFO) is None
+    handler.terminator = "\n"
     logger.addHandler(logging.StreamHandler(io.StringIO()))
     assert lines_handler(logger, logging.INFO) is None
     logger.handlers[:] = [logging.StreamHandler(io.StringIO())]  # a plain one formats records its own way
@@ -90,6 +102,27 @@ def test_only_a_lone_json_lines_handler_takes_lines_directly(own: tuple[logging.
     logger.handlers[:] = [handler]
     assert lines_handler(logger, logging.INFO) is handler
     assert lines_handler(access_log, logging.INFO) is None  # under pytest, its capture handlers are in the way
+
+
+def test_logging_disable_takes_the_lines_too(own: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, _ = own  # first call on this logger: nothing cached by isEnabledFor yet
+    logging.disable(logging.INFO)
+    try:
+        assert lines_handler(logger, logging.INFO) is None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def test_the_handler_may_sit_on_a_parent(own: tuple[logging.Logger, io.StringIO]) -> None:
+    parent, _ = own
+    (handler,) = parent.handlers
+    child = logging.Logger(access_log.name + ".child")
+    child.parent = parent
+    assert lines_handler(child, logging.INFO) is handler
+    parent.addFilter(lambda r: False)  # logging applies the filters of the logger a record starts at only
+    assert lines_handler(child, logging.INFO) is handler
+    child.propagate = False
+    assert lines_handler(child, logging.INFO) is None
 
 
 def test_lines_written_in_a_batch_are_what_the_formatter_makes_of_records(
@@ -142,16 +175,68 @@ def test_lines_past_the_bound_are_dropped_and_counted(
     own: tuple[logging.Logger, io.StringIO], caplog: pytest.LogCaptureFixture
 ) -> None:
     logger, stream = own
-    dropped = Counter("dropped", "lines dropped", registry=CollectorRegistry())
-    log = AccessLog(dropped, interval=3600, max_queued=3, logger=logger)
+    registry = CollectorRegistry()
+    log = AccessLog(Counter("dropped", "lines dropped", registry=registry), interval=3600, max_queued=3, logger=logger)
     for i in range(5):
         log.write(1_700_000_000.25, _line(i))
     with caplog.at_level(logging.WARNING, logger="lma.server"):
         log.close()
     assert [orjson.loads(x)["request_id"] for x in stream.getvalue().splitlines()] == ["req-0", "req-1", "req-2"]
-    assert dropped._value.get() == 2
+    assert registry.get_sample_value("dropped_total") == 2
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.fields == {"dropped": 2, "max_queued": 3}  # type: ignore[attr-defined]
+    assert warning.fields == {"queue_full": 2, "not_written": 0, "max_queued": 3}  # type: ignore[attr-defined]
+
+
+class _Failing(io.StringIO):
+    """A stream whose writes fail while ``broken``."""
+
+    broken = True
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise OSError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_lines_a_failing_stream_did_not_take_are_counted(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = _Failing()
+    logger = logging.Logger(access_log.name, logging.INFO)
+    logger.addHandler(JsonLinesHandler(stream))
+    registry = CollectorRegistry()
+    log = AccessLog(Counter("dropped", "lines dropped", registry=registry), interval=3600, logger=logger)
+    for i in range(3):
+        log.write(1_700_000_000.25, _line(i))
+    with caplog.at_level(logging.WARNING, logger="lma.server"):
+        log.close()
+    assert registry.get_sample_value("dropped_total") == 3
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.fields == {"queue_full": 0, "not_written": 3, "max_queued": 65_536}  # type: ignore[attr-defined]
+    err = capsys.readouterr().err  # logging's own report of a failing handler, as for a record
+    assert "--- Logging error ---" in err and "Broken pipe" in err and "3 access-log lines not written" in err
+
+
+def test_the_thread_lives_on_when_a_batch_fails(own: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = own
+
+    class Raising:
+        def inc(self, n: int) -> None:
+            raise OSError("the metrics file is gone")
+
+    log = AccessLog(Raising(), interval=0.01, max_queued=1, logger=logger)
+    try:
+        log.write(1_700_000_000.25, _line(0))
+        log.write(1_700_000_000.25, _line(1))  # refused: the queue is full, and counting it raises
+        time.sleep(0.1)
+        log.write(1_700_000_000.25, _line(2))
+        deadline = time.monotonic() + 10
+        while "req-2" not in stream.getvalue():
+            assert time.monotonic() < deadline, "the thread stopped writing"
+            time.sleep(0.01)
+    finally:
+        log.close()
+    assert [orjson.loads(x)["request_id"] for x in stream.getvalue().splitlines()] == ["req-0", "req-2"]
 
 
 def test_nothing_is_written_below_the_loggers_level(own: tuple[logging.Logger, io.StringIO]) -> None:
@@ -178,10 +263,11 @@ def test_the_thread_writes_while_requests_keep_coming(own: tuple[logging.Logger,
 
 
 _WRITER = """
-import sys, time
-from server.http import AccessLog, RequestContext, access_line
-from server.logs import configure_logging
+import logging, sys, time
+from server.http import AccessLog, RequestContext, access_line, access_log
+from server.logs import configure_logging, lines_handler
 configure_logging("info")
+assert lines_handler(access_log, logging.INFO) is not None  # the batched path, as in `lma serve`
 worker, lines = sys.argv[1], int(sys.argv[2])
 log = AccessLog(interval=0.002)
 for i in range(lines):
@@ -194,9 +280,10 @@ log.close()
 """
 
 
-def test_workers_sharing_one_pipe_never_interleave_mid_line() -> None:
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["PYTHONUNBUFFERED=1", "buffered stderr"])
+def test_workers_sharing_one_pipe_never_interleave_mid_line(unbuffered: str) -> None:
     read_end, write_end = os.pipe()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONUNBUFFERED": unbuffered}
     lines = 4000
     writers = [
         subprocess.Popen([sys.executable, "-c", _WRITER, f"w{k}", str(lines)], stderr=write_end, env=env)
