@@ -308,9 +308,9 @@ class AccessLog:
     """The access log: the event loop formats each request's line, a background thread writes them in batches.
 
     A line costs the loop a dict and an ``orjson`` call (:func:`access_line`); every ``interval`` seconds the
-    thread takes the lines queued and writes them. Formatting stays on the loop on purpose: a thread that
-    formats a batch holds the GIL for milliseconds at a time, and the loop waits for it (a higher p99, in
-    docs/BENCHMARKS.md); on the loop it is a few µs a request. The thread writes through
+    thread takes the lines queued and writes them (with none queued, it sleeps until one comes). Formatting stays
+    on the loop on purpose: a thread that formats a batch holds the GIL for milliseconds at a time, and the loop
+    waits for it (a higher p99, in docs/BENCHMARKS.md); on the loop it is a few µs a request. The thread writes through
     :meth:`~server.logs.JsonLinesHandler.write_lines` when that handler (the one
     :func:`~server.logs.configure_logging` installs) is the only one the lines reach: a few writes per batch,
     each cut at a line end and at most ``PIPE_BUF`` bytes (unless one line is longer), so lines of workers
@@ -335,6 +335,8 @@ class AccessLog:
         self._full = 0  # lines refused by a full queue, ever (only write() adds to it)
         self._full_counted = 0  # of those, the ones counted and logged (only the thread adds to it)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by the first line after the thread went idle
+        self._idle = False  # the thread waits for a line (instead of waking every interval with nothing to do)
         self._thread = threading.Thread(target=self._run, name="lma-access-log", daemon=True)
         self._thread.start()
 
@@ -344,10 +346,22 @@ class AccessLog:
             self._queue.append((finished, line))
         else:
             self._full += 1
+        if self._idle:
+            self._idle = False
+            self._wake.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._write_safely()
+        while not self._stop.is_set():
+            if not self._queue:
+                # Idle: wait for a line. ``_idle`` is published before the queue is looked at again, so a line
+                # appended meanwhile is either seen here or sets ``_wake`` (write() reads ``_idle`` after it appends).
+                self._idle = True
+                if not self._queue:
+                    self._wake.wait()
+                self._idle = False
+                self._wake.clear()
+            if not self._stop.wait(self._interval):  # let a batch gather
+                self._write_safely()
         self._write_safely()
 
     def _write_safely(self) -> None:
@@ -386,6 +400,7 @@ class AccessLog:
         """Write what is queued, then stop the thread (waiting at most 10 s for it); lines queued later are not
         written."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10)
         if self._thread.is_alive():
             log.warning("access log: the writer did not finish within 10 s; its last lines may be lost")

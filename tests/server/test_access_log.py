@@ -262,6 +262,25 @@ def test_the_thread_writes_while_requests_keep_coming(own: tuple[logging.Logger,
         log.close()
 
 
+def test_with_nothing_queued_the_thread_sleeps_until_a_line_comes(own: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = own
+    log = AccessLog(interval=0.001, logger=logger)
+    try:
+        for i in range(3):  # each time: idle (waiting on its event, not waking every interval), then woken by a line
+            deadline = time.monotonic() + 10
+            while not log._idle:
+                assert time.monotonic() < deadline, "the thread never went idle"
+                time.sleep(0.005)
+            log.write(1_700_000_000.25, _line(i))
+            while f"req-{i}" not in stream.getvalue():
+                assert time.monotonic() < deadline, "the line was not written"
+                time.sleep(0.005)
+    finally:
+        log.close()
+    assert not log._thread.is_alive()
+    assert [orjson.loads(x)["request_id"] for x in stream.getvalue().splitlines()] == ["req-0", "req-1", "req-2"]
+
+
 _WRITER = """
 import logging, sys, time
 from server.http import AccessLog, RequestContext, access_line, access_log
