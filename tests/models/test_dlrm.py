@@ -129,6 +129,34 @@ class TestInteraction:
         assert out.shape == (2, num_fields * (num_fields + 1) // 2)
         assert (out == 4.0).all()
 
+    def test_onnx_gathers_rows_and_matches_eager_bit_for_bit(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        # The exported graph gathers the pairs as rows of the transposed Gram matrix (ONNX Runtime copies
+        # a row per pair instead of a float), eager and TorchScript as columns: the same floats either way.
+        import onnx
+        import onnxruntime as ort
+
+        inter = DotInteraction(27)
+        path = tmp_path / "interaction.onnx"
+        torch.onnx.export(
+            inter,
+            (torch.randn(2, 27, 16),),
+            str(path),
+            input_names=["v"],
+            output_names=["pairs"],
+            dynamic_axes={"v": {0: "batch"}, "pairs": {0: "batch"}},
+            dynamo=False,
+        )
+        graph = onnx.load(str(path)).graph
+        pair_gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[1] == "flat_index"]
+        assert [[(a.name, a.i) for a in n.attribute] for n in pair_gathers] == [[("axis", 0)]]
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        scripted = torch.jit.script(inter)
+        for batch in (1, 7, 300):
+            vectors = torch.randn(batch, 27, 16, generator=torch.Generator().manual_seed(batch))
+            eager = inter(vectors)
+            assert torch.equal(scripted(vectors), eager)
+            assert np.array_equal(session.run(None, {"v": vectors.numpy()})[0], eager.numpy())
+
 
 class TestCTRModel:
     def test_outputs(self) -> None:
