@@ -138,10 +138,10 @@ class DotInteraction(nn.Module):
         flat = gram.reshape(vectors.shape[0], self.num_vectors * self.num_vectors)  # (B, N*N)
         if not torch.jit.is_scripting() and _in_onnx_export():
             # The same values, gathered as rows: ONNX Runtime's Gather along axis 1 copies one float at a
-            # time (2.4 us a sample, a fifth of the demo graph at batch 256), along axis 0 one contiguous
-            # row of B floats per pair, and the two transposes cost less than the difference. PyTorch is
-            # the other way round (its backward of the row gather of a transposed view is 2.6x slower),
-            # so eager and TorchScript keep the column gather. docs/EXPORT.md has the timings.
+            # time, along axis 0 one contiguous row of B floats per pair, and the two transposes cost less
+            # than the difference. PyTorch is the other way round (the row gather of a transposed view is
+            # slower there, its backward most), so eager and TorchScript keep the column gather.
+            # docs/EXPORT.md ("The DLRM interaction, gathered as rows") has the timings.
             return flat.t()[self.flat_index].t()  # (B, N*(N-1)/2)
         return flat[:, self.flat_index]  # (B, N*(N-1)/2)
 

@@ -419,6 +419,34 @@ def test_large_graphs_keep_weights_in_one_external_file(
         load_bundle(bundle.path)
 
 
+def _interaction_reads_rows(graph: onnx.GraphProto) -> bool:
+    """Whether the DLRM interaction's pairs are gathered from the transposed Gram matrix (rows, axis 0), as
+    models.dlrm.DotInteraction exports them: a Gather (legacy) or GatherND (dynamo) reading a 2-D Transpose."""
+    producer = {out: n for n in graph.node for out in n.output}
+    for n in graph.node:
+        source = producer.get(n.input[0]) if n.input else None
+        if n.op_type not in ("Gather", "GatherND") or source is None or source.op_type != "Transpose":
+            continue
+        perm = [list(a.ints) for a in source.attribute if a.name == "perm"]
+        axis = [a.i for a in n.attribute if a.name == "axis"]
+        if perm == [[1, 0]] and axis in ([], [0]):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("kind", ["full", "hash", "lma"])
+def test_interaction_pairs_are_gathered_as_rows(kind: str, bundles: dict[str, Bundle]) -> None:
+    """The exported interaction gathers along axis 0 (ONNX Runtime's axis-1 Gather copies one float at a time)."""
+    graph = onnx.load(str(bundles[kind].file("onnx")), load_external_data=False).graph
+    assert _interaction_reads_rows(graph)
+    column_gathers = [
+        n for n in graph.node
+        if n.op_type == "Gather" and n.input[1].endswith("interaction.flat_index")
+        and [a.i for a in n.attribute if a.name == "axis"] != [0]
+    ]  # fmt: skip
+    assert column_gathers == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hash", "lma"])
 def test_dynamo_exporter_gives_the_same_scores(kind: str, tiny_runs: dict[str, TinyRun], tmp_path: Path) -> None:
@@ -428,6 +456,7 @@ def test_dynamo_exporter_gives_the_same_scores(kind: str, tiny_runs: dict[str, T
     assert bundle.manifest["onnx"]["exporter"] == "dynamo"
     proto = onnx.load(str(bundle.file("onnx")))
     assert [i.name for i in proto.graph.input] == ["dense", "keys"]
+    assert _interaction_reads_rows(proto.graph)
     dense, keys = _inputs(run, batch=33, seed=2)
     out = _score_all(bundle, run, dense, keys)
     np.testing.assert_allclose(out["onnx"][0], out["eager"][0], rtol=0, atol=1e-6)
