@@ -161,3 +161,25 @@ def test_log_lines_of_a_request_carry_its_id(
             assert client.get("/v1/models", headers={"x-request-id": "trace-me"}).status_code == 500
     ids = {r.getMessage(): getattr(r, "request_id", None) for r in caplog.records}
     assert ids["about to fail"] == "trace-me" and ids["unhandled error"] == "trace-me"
+
+
+def test_pending_observe_many_keeps_every_value_exactly() -> None:
+    """A batch's probabilities reach the histogram as float64, value for value, whatever their dtype and strides."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from server.metrics import Pending
+
+    hist = Histogram("p", "p", buckets=(0.25, 0.5, 1.0), registry=CollectorRegistry())
+    pending = Pending()
+    f32 = np.array([0.1, 0.25, 0.7, 1.0], dtype=np.float32)
+    f64 = np.array([0.3, 0.9, 0.2, 0.6, 0.5, 0.05], dtype=np.float64)[::2]  # strided: 0.3, 0.2, 0.5
+    pending.observe_many(hist, f32)
+    pending.observe_many(hist, f64)
+    pending.observe(hist, 0.75)
+    pending.flush()
+    samples = {(s.name, s.labels.get("le")): s.value for s in hist.collect()[0].samples}
+    expected = np.concatenate([f32.astype(np.float64), f64, [0.75]])
+    assert samples[("p_count", None)] == 8
+    assert samples[("p_sum", None)] == pytest.approx(float(expected.sum()), rel=0, abs=1e-12)
+    for le in (0.25, 0.5, 1.0):
+        assert samples[("p_bucket", str(le))] == int((expected <= le).sum())
