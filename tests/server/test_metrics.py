@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import build_app
-from server.metrics import memory_parts
+from server.metrics import Pending, memory_parts
 from tests.helpers.serving import Bundles, direct_scores, instance, make_repo, settings_for
 
 ROUTE = "/v1/models/{name}:predict"
@@ -165,10 +166,6 @@ def test_log_lines_of_a_request_carry_its_id(
 
 def test_pending_observe_many_keeps_every_value_exactly() -> None:
     """A batch's probabilities reach the histogram as float64, value for value, whatever their dtype and strides."""
-    from prometheus_client import CollectorRegistry, Histogram
-
-    from server.metrics import Pending
-
     hist = Histogram("p", "p", buckets=(0.25, 0.5, 1.0), registry=CollectorRegistry())
     pending = Pending()
     f32 = np.array([0.1, 0.25, 0.7, 1.0], dtype=np.float32)
