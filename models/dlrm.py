@@ -221,7 +221,8 @@ class DLRM(nn.Module):
         if self.linear is not None:
             logit = logit + self.linear(dense, keys)[0]  # (B, 1)
         if self.first_order:
-            logit = logit + (emb * self.first_order_weight).sum(dim=(1, 2)).unsqueeze(1)  # (B, 1)
+            # sum over fields of w_f . e_f as one matrix product: batch-invariant in ONNX Runtime (models/linear.py)
+            logit = logit + emb.flatten(1) @ self.first_order_weight.reshape(-1, 1)  # (B, 1)
             if self.has_dense:
                 logit = logit + self.dense_linear(dense)  # (B, 1)
         return logit, stored

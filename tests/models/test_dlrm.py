@@ -1,5 +1,6 @@
 """DLRM and the servable CTRModel: preset shapes, interaction, outputs, fallback counts, TorchScript."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from export.graphs import ONNX_OPSET
+from export.graphs import ONNX_OPSET, export_onnx
+from export.onnx_runtime import cpu_session
 from models.dlrm import DLRM, PRESETS, CTRModel, DLRMConfig, DotInteraction, build_embedding
 from models.embeddings import EmbeddingConfig, FullEmbedding, SharedMemoryEmbedding
 from models.hashtable import build_table
+from models.linear import LinearConfig, LogisticRegression, reference_embedding
+from models.schema import CRITEO_CATEGORICAL, CRITEO_DENSE, FeatureSchema
 
 
 def linear_shapes(seq: nn.Sequential) -> list[tuple[int, int]]:
@@ -162,6 +166,52 @@ class TestInteraction:
             eager = inter(vectors)
             assert torch.equal(scripted(vectors), eager)
             assert np.array_equal(session.run(None, {"v": vectors.numpy()})[0], eager.numpy())
+
+
+class TestBatchInvariance:
+    """Every exported architecture scores a row to the same float alone or in any batch (ONNX Runtime, the
+    server's session options): the sums over fields are matrix products, not ReduceSum, whose vectorized
+    paths (a batch of 1, a row sum over the last axis) add in an order that follows the row's alignment."""
+
+    @staticmethod
+    def model(architecture: str, fields: int, dim: int) -> CTRModel:
+        def linear_part() -> LogisticRegression:
+            return LogisticRegression(
+                LinearConfig(13, fields), build_embedding(reference_embedding(0), fields, 64 * fields * 4)
+            )
+
+        if architecture == "lr":
+            model = CTRModel(linear_part())
+        else:
+            cfg = DLRMConfig.from_preset("small", 13, fields, embedding_dim=dim)  # first-order terms
+            if architecture == "dlrm-linear":  # what `lma train` builds by default
+                cfg = dataclasses.replace(cfg, first_order=False, linear=True)
+            emb_cfg = EmbeddingConfig(kind="hash", embedding_dim=dim, compression=2, seed=0)
+            emb = build_embedding(emb_cfg, fields, 64 * fields * dim * 4)
+            model = CTRModel(DLRM(cfg, emb, linear_part() if cfg.linear else None))
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # the linear weights start at zero: give every term a value
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        return model.eval()
+
+    @pytest.mark.parametrize(
+        ("architecture", "fields", "dim"),
+        [("dlrm-linear", 26, 16), ("dlrm-first-order", 26, 16), ("dlrm-first-order", 5, 3), ("lr", 26, 1)],
+    )
+    def test_a_row_scores_the_same_alone_and_in_any_batch(
+        self, architecture: str, fields: int, dim: int, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "model.onnx"
+        schema = FeatureSchema(CRITEO_DENSE, CRITEO_CATEGORICAL[:fields], 0)
+        export_onnx(self.model(architecture, fields, dim), schema, path)
+        session = cpu_session(path, threads=1)
+        dense, keys = (t.numpy() for t in batch(13, fields, rows=300, seed=1))
+        whole = session.run(None, {"dense": dense, "keys": keys})[0]
+        for size in (1, 2, 3, 7, 64):
+            for start in range(0, 300 - size, 23):
+                part = session.run(None, {"dense": dense[start : start + size], "keys": keys[start : start + size]})
+                np.testing.assert_array_equal(part[0], whole[start : start + size], err_msg=f"rows {start}..+{size}")
 
 
 class TestCTRModel:
