@@ -38,7 +38,8 @@ _CACHE_ENTRIES = 1 << 20
 _SLOT = np.dtype([("value", "<u8"), ("key", "<i8")])
 _EMPTY = np.uint64(2**64 - 1)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top slot_bits bits of value * this
-_PAIR = np.uint64(2**64 - 2)  # a hash's pair of slots starts at the even slot
+WAYS = 4  # slots of one bucket of PackedKeys: 4 x 16 bytes, one cache line
+_BUCKET = np.uint64(2**64 - WAYS)  # a hash's bucket starts at a slot number divisible by WAYS
 _CACHE_LINE = 64
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
@@ -216,34 +217,36 @@ class _FieldHasher:
 
 
 class PackedKeys:
-    """Keys of short values packed into ``uint64``, in bulk: a two-way cache of the schema's hash per field.
+    """Keys of short values packed into ``uint64``, in bulk: a four-way cache of the schema's hash per field.
 
     A value of at most 8 bytes without a NUL byte packs one-to-one into a ``uint64`` (its UTF-8 bytes,
     little-endian, zero-padded; ``""``, the missing value, packs as 0). Criteo and Avazu values (hex ids,
     small numbers) all do, so the readers (:mod:`models.data.keys`) and the server's binary BYTES tensors
     (:mod:`server.protocols.v2.codec`, and native bodies the server's scan read) hand whole arrays of them
-    here. A table of ``2**slot_bits`` slots per field, in pairs, maps packed value -> key: the keys of a
-    (B, F) array are a multiply-shift and one or two compares within one cache line per value, and only
-    values that miss (new, or evicted by two newer values of the same pair) go to
-    :meth:`FeatureSchema.field_keys`, once per distinct value. A value that misses takes its pair's first
-    slot and moves the one there to the second, whose value leaves. With a single slot per hash (as before
-    these pairs), two hot values of one slot evicted each other at every turn: the load tests' 32-sample
-    requests missed 9.4 of their 832 tokens each, at Python's cost per miss. The keys are exactly
+    here. A table of ``2**slot_bits`` slots per field, in buckets of :data:`WAYS`, maps packed value -> key:
+    the keys of a (B, F) array are a multiply-shift and up to four compares within one cache line per
+    value, and only values that miss (new, or evicted by four newer values of the same bucket) go to
+    :meth:`FeatureSchema.field_keys`, once per distinct value. A value that misses takes its bucket's first
+    slot and moves the others one slot on; the last one's value leaves. The ways matter more than the
+    size: with one slot per hash, two hot values of one slot evicted each other at every turn (the load
+    tests' 32-sample requests missed 9.4 of their 832 tokens each, at Python's cost per miss); with pairs,
+    every third value of a pair did, and 60% of those requests still had a miss, at ~10 us of NumPy calls
+    each; four ways, in the same memory, leave a few in a thousand. The keys are exactly
     ``schema.key(f, value)``. Its slot writes are not atomic: one instance per thread.
     """
 
     def __init__(self, schema: FeatureSchema, slot_bits: int = 16) -> None:
-        if not 1 <= slot_bits <= 30:
-            raise ValueError(f"slot_bits must be in [1, 30], got {slot_bits}")
+        if not 2 <= slot_bits <= 30:  # at least one bucket per field
+            raise ValueError(f"slot_bits must be in [2, 30], got {slot_bits}")
         self.schema = schema
         slots = schema.num_fields << slot_bits
-        # 64-byte aligned, so that each pair of 16-byte slots lies in one cache line
+        # 64-byte aligned, so that each bucket of four 16-byte slots lies in one cache line
         memory = np.empty(slots * _SLOT.itemsize + _CACHE_LINE, np.uint8)
         start = -memory.ctypes.data % _CACHE_LINE
         self._flat = memory[start : start + slots * _SLOT.itemsize].view(_SLOT)
         self._flat["value"] = _EMPTY
         self._flat["key"] = -1  # no key is negative: an empty slot matches no value, not even eight 0xFF bytes
-        self._pairs = self._flat.view(np.uint64).reshape(-1, 2)  # the same memory, as _lookup reads it
+        self._table = self._flat.view(np.uint64).reshape(-1, 2)  # the same memory, as _lookup reads it
         self._base = np.arange(schema.num_fields, dtype=np.intp) << slot_bits  # first slot of each field
         self._shift = np.uint64(64 - slot_bits)
         self._bits = slot_bits
@@ -251,7 +254,7 @@ class PackedKeys:
     def _lookup(self, packed: np.ndarray, first_field: int, out: np.ndarray) -> np.ndarray | None:
         """Write the cached keys of ``packed`` (n, k) (fields first_field.. first_field + k - 1) to ``out``;
         the mask of the values that missed (their ``out`` is -1), or None when none did."""
-        if _lookup(packed, self._pairs, first_field, self._bits, out):
+        if _lookup(packed, self._table, first_field, self._bits, out):
             return out == -1
         return None
 
@@ -288,36 +291,36 @@ class PackedKeys:
         return keys
 
     def _store(self, first_field: int, fields: np.ndarray, values: np.ndarray, keys: np.ndarray) -> None:
-        first = (((values * _MULTIPLIER) >> self._shift) & _PAIR).astype(np.intp) + self._base[first_field + fields]
+        first = (((values * _MULTIPLIER) >> self._shift) & _BUCKET).astype(np.intp) + self._base[first_field + fields]
         new = np.empty(len(values), _SLOT)
         new["value"], new["key"] = values, keys
-        # the pair's first value moves to its second slot (a first slot is empty only where both are), then
-        # the new one takes the first; where several misses share a pair the last one stays
-        self._flat[first + 1] = self._flat[first]
+        # the bucket's values move one slot on (the last one's leaves; a slot is empty only where all after it
+        # are), then the new one takes the first; where several misses share a bucket the last one stays
+        for way in range(WAYS - 1, 0, -1):
+            self._flat[first + way] = self._flat[first + way - 1]
         self._flat[first] = new
 
 
 @kernel
 def _lookup(packed, table, first_field, bits, out):  # type: ignore[no-untyped-def]
-    """PackedKeys' two-way lookup of a (n, k) array of packed values of fields first_field..; the number of
-    misses (their ``out`` is -1). ``table``: (slots, 2) uint64, value and key of each slot; a value's pair
-    is slots (h & ~1, h | 1) of its hash h: 32 bytes, one cache line. Compiled, field by field (one
-    field's slots stay in cache); unsigned slot numbers, so no negative-index wrap is compiled in."""
+    """PackedKeys' four-way lookup of a (n, k) array of packed values of fields first_field..; the number of
+    misses (their ``out`` is -1). ``table``: (slots, 2) uint64, value and key of each slot; a value's bucket
+    is slots h & ~3 .. h | 3 of its hash h: 64 bytes, one cache line. Compiled, field by field (one field's
+    slots stay in cache); unsigned slot numbers, so no negative-index wrap is compiled in."""
     shift = np.uint64(64 - bits)
     misses = 0
     for f in range(packed.shape[1]):
         base = np.uint64((first_field + f) << bits)
         for i in range(packed.shape[0]):
             v = packed[i, f]
-            slot = base + (((v * _MULTIPLIER) >> shift) & _PAIR)
-            first = np.int64(table[slot, 1])
-            second = np.int64(table[slot + np.uint64(1), 1])
-            if table[slot, 0] == v and first >= 0:
-                out[i, f] = first
-            elif table[slot + np.uint64(1), 0] == v and second >= 0:
-                out[i, f] = second
-            else:
-                out[i, f] = -1
+            slot = base + (((v * _MULTIPLIER) >> shift) & _BUCKET)
+            key = np.int64(-1)
+            for way in range(WAYS):
+                if table[slot + np.uint64(way), 0] == v:
+                    key = np.int64(table[slot + np.uint64(way), 1])  # -1 in an empty slot: eight 0xFF bytes miss
+                    break
+            out[i, f] = key
+            if key < 0:
                 misses += 1
     return misses
 
@@ -328,7 +331,7 @@ def warm_kernels() -> None:
     The arguments have the types and layouts of :meth:`PackedKeys.rows` (C-contiguous), which the
     server calls; the readers' column views compile their own specialisation at their first block.
     """
-    _lookup(np.zeros((1, 1), np.uint64), np.zeros((2, 2), np.uint64), 0, 1, np.empty((1, 1), np.int64))
+    _lookup(np.zeros((1, 1), np.uint64), np.zeros((WAYS, 2), np.uint64), 0, 2, np.empty((1, 1), np.int64))
 
 
 def _texts(packed: np.ndarray) -> list[str]:

@@ -4,8 +4,8 @@ The key of a value is :meth:`models.schema.FeatureSchema.key` (seeded BLAKE2b, i
 and Avazu values are at most 8 bytes (hex ids, small numbers), so :mod:`models.data.parse` packs each
 into one ``uint64`` as it reads (little-endian, zero-padded; the readers' values never hold a NUL byte,
 so the packing is one-to-one and 0 is the missing value). :class:`KeyCache` looks a packed column up
-in the schema's two-way cache :class:`models.schema.PackedKeys` (2**16 slots per field, in pairs): a
-column's keys are a multiply-shift and one or two compares per value, and only the values that miss go
+in the schema's four-way cache :class:`models.schema.PackedKeys` (2**16 slots per field, in buckets of
+four): a column's keys are a multiply-shift and up to four compares in one cache line per value, and only the values that miss go
 to the schema's hash, once per distinct value. A factorised column (a longer value, or a derived
 field) takes the schema's hash of each distinct value.
 

@@ -89,14 +89,15 @@ def test_packed_keys_are_the_schema_keys_through_the_compiled_lookup() -> None:
         assert not out[:, [0, 2]].any()
 
 
-def test_two_hot_values_of_one_pair_of_slots_both_stay_cached() -> None:
-    """With one slot per hash they evicted each other at every turn; a pair keeps both, and a third new value
-    evicts the older of the two."""
+def test_four_hot_values_of_one_bucket_all_stay_cached() -> None:
+    """With one slot per hash two values evicted each other at every turn, with pairs three did; a bucket of four
+    keeps four, and a fifth new value evicts the oldest of them."""
     schema = FeatureSchema(("I1",), ("C1",))
     cache = PackedKeys(schema, slot_bits=4)
     multiplier = int(_MULTIPLIER)
-    pair = [v for v in range(1, 4000) if ((v * multiplier) % 2**64) >> 60 == 6][:3]  # one hash: slot 6 (pair 6, 7)
-    a, b, c = (np.array([[v]], np.uint64) for v in pair)
+    # five values whose 4-bit hash lies in 4..7: one bucket, slots 4 to 7
+    same = [v for v in range(1, 4000) if ((v * multiplier) % 2**64) >> 62 == 1][:5]
+    rows = [np.array([[v]], np.uint64) for v in same]
     stored: list[list[int]] = []
     store = cache._store
 
@@ -106,13 +107,13 @@ def test_two_hot_values_of_one_pair_of_slots_both_stay_cached() -> None:
 
     cache._store = recording  # type: ignore[method-assign]
     for _ in range(3):
-        for row in (a, b):
+        for row in rows[:4]:
             assert cache.rows(row)[0, 0] == schema.key(0, _texts(row[0])[0])
-    assert stored == [[pair[0]], [pair[1]]]  # each missed once, then both hit
-    cache.rows(c)  # a, the older of the two, leaves
-    cache.rows(b)
-    cache.rows(a)
-    assert stored == [[pair[0]], [pair[1]], [pair[2]], [pair[0]]]
+    assert stored == [[v] for v in same[:4]]  # each missed once, then all four hit
+    cache.rows(rows[4])  # the first, the oldest of the four, leaves
+    for row in (rows[3], rows[2], rows[1], rows[0]):
+        assert cache.rows(row)[0, 0] == schema.key(0, _texts(row[0])[0])
+    assert stored == [[v] for v in same] + [[same[0]]]
 
 
 def test_eight_ff_bytes_are_a_value_like_any_other() -> None:
@@ -126,5 +127,5 @@ def test_eight_ff_bytes_are_a_value_like_any_other() -> None:
 
 
 def test_each_pair_of_slots_lies_in_one_cache_line() -> None:
-    for bits in (1, 4, 15):
-        assert PackedKeys(criteo_schema(), slot_bits=bits)._pairs.ctypes.data % 64 == 0
+    for bits in (2, 4, 15):
+        assert PackedKeys(criteo_schema(), slot_bits=bits)._table.ctypes.data % 64 == 0

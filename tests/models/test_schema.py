@@ -56,7 +56,7 @@ def _packed(values: list[bytes]) -> np.ndarray:
     return np.array([int.from_bytes(v.ljust(8, b"\0"), "little") for v in values], np.uint64)
 
 
-@pytest.mark.parametrize("slot_bits", [1, 16])  # one bit: two slots per field, so nearly every value collides
+@pytest.mark.parametrize("slot_bits", [2, 16])  # two bits: one bucket per field, so nearly every value collides
 def test_packed_keys_are_the_schema_keys(slot_bits: int) -> None:
     schema = criteo_schema(7)
     rng = np.random.default_rng(0)
@@ -76,8 +76,8 @@ def test_packed_keys_are_the_schema_keys(slot_bits: int) -> None:
 
 
 def test_packed_keys_refuse_a_bad_table_size() -> None:
-    with pytest.raises(ValueError, match=r"slot_bits must be in \[1, 30\], got 0"):
-        PackedKeys(criteo_schema(), 0)
+    with pytest.raises(ValueError, match=r"slot_bits must be in \[2, 30\], got 1"):
+        PackedKeys(criteo_schema(), 1)
 
 
 def test_missing_values_do_not_depend_on_the_cache() -> None:
