@@ -10,8 +10,10 @@ no locking of its own.
 file of each runtime (:meth:`export.bundle.Bundle.file`). Adding a runtime is one class and one
 entry there.
 
-Batch invariance: ONNX Runtime's CPU kernels compute every row the same way whatever the batch
-size, so a sample's score is bit-identical alone or inside any batch. TorchScript on CPU uses MKL,
+Batch invariance: ONNX Runtime's CPU kernels that the exported graphs use compute every row the same
+way whatever the batch size, so a sample's score is bit-identical alone or inside any batch (its
+float ReduceSum does not, which is why the graphs sum over fields with matrix products: models/linear.py;
+tests/models/test_dlrm.py::TestBatchInvariance checks every architecture). TorchScript on CPU uses MKL,
 which picks GEMM kernels by batch shape, so its scores agree across batch sizes to float32 rounding
 (~1e-7), not bit for bit.
 """
