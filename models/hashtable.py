@@ -3,8 +3,8 @@
 Built once offline (NumPy), looked up inside the model graph with a fixed number of steps: two
 bucket hashes, one gather of both candidate buckets (keys and values of a bucket in one row), a
 full-key compare, a max-select. Lookups are exact (a stored key is always found, an absent key never
-is) and use only Add/Mul/Div/Mod/BitwiseAnd/Gather/Split/Equal/Where/ReduceMax, so TorchScript and
-ONNX express them. Empty slots hold key -1 and value -1 (real keys are non-negative 62-bit integers,
+is) and use only Add/Mul/Div/Mod/BitwiseAnd/Gather/Transpose/Split/Equal/Where/ReduceMax, so TorchScript
+and ONNX express them. Empty slots hold key -1 and value -1 (real keys are non-negative 62-bit integers,
 so they never match; stored values are non-negative).
 
 Used twice: the LMA embedding maps keys to minhash signatures, the full embedding maps keys to rows.
