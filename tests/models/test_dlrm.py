@@ -170,8 +170,9 @@ class TestInteraction:
 
 class TestBatchInvariance:
     """Every exported architecture scores a row to the same float alone or in any batch (ONNX Runtime, the
-    server's session options): the sums over fields are matrix products, not ReduceSum, whose vectorized
-    paths (a batch of 1, a row sum over the last axis) add in an order that follows the row's alignment."""
+    server's session options, 1 and 2 threads): the sums over fields are matrix products, not ReduceSum, whose
+    vectorized paths (taken at batch 1, and by any row sum over the last axis) add in another order, one that
+    follows the row's alignment in memory."""
 
     @staticmethod
     def model(architecture: str, fields: int, dim: int) -> CTRModel:
@@ -205,13 +206,18 @@ class TestBatchInvariance:
         path = tmp_path / "model.onnx"
         schema = FeatureSchema(CRITEO_DENSE, CRITEO_CATEGORICAL[:fields], 0)
         export_onnx(self.model(architecture, fields, dim), schema, path)
-        session = cpu_session(path, threads=1)
         dense, keys = (t.numpy() for t in batch(13, fields, rows=300, seed=1))
-        whole = session.run(None, {"dense": dense, "keys": keys})[0]
-        for size in (1, 2, 3, 7, 64):
-            for start in range(0, 300 - size, 23):
-                part = session.run(None, {"dense": dense[start : start + size], "keys": keys[start : start + size]})
-                np.testing.assert_array_equal(part[0], whole[start : start + size], err_msg=f"rows {start}..+{size}")
+        for threads in (1, 2):
+            session = cpu_session(path, threads=threads)
+            whole = session.run(None, {"dense": dense, "keys": keys})[0]
+            for size in (1, 2, 3, 7, 64):
+                for start in range(0, 300 - size, 23):
+                    inputs = {"dense": dense[start : start + size], "keys": keys[start : start + size]}
+                    np.testing.assert_array_equal(
+                        session.run(None, inputs)[0],
+                        whole[start : start + size],
+                        err_msg=f"{threads} threads, rows {start}..+{size}",
+                    )
 
 
 class TestCTRModel:
