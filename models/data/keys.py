@@ -5,9 +5,9 @@ and Avazu values are at most 8 bytes (hex ids, small numbers), so :mod:`models.d
 into one ``uint64`` as it reads (little-endian, zero-padded; the readers' values never hold a NUL byte,
 so the packing is one-to-one and 0 is the missing value). :class:`KeyCache` looks a packed column up
 in the schema's four-way cache :class:`models.schema.PackedKeys` (2**16 slots per field, in buckets of
-four): a column's keys are a multiply-shift and up to four compares in one cache line per value, and only the values that miss go
-to the schema's hash, once per distinct value. A factorised column (a longer value, or a derived
-field) takes the schema's hash of each distinct value.
+four): a column's keys are a multiply-shift and up to four compares in one cache line per value, and only
+the values that miss go to the schema's hash, once per distinct value. A factorised column (a longer
+value, or a derived field) takes the schema's hash of each distinct value.
 
 A cache belongs to one thread (its slot writes are not atomic); the readers make one per worker.
 """
