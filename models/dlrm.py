@@ -135,7 +135,10 @@ class DotInteraction(nn.Module):
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         gram = torch.bmm(vectors, vectors.transpose(1, 2))  # (B, N, N)
-        flat = gram.reshape(vectors.shape[0], self.num_vectors * self.num_vectors)  # (B, N*N)
+        # (B, N*N). An ONNX Flatten keeps the graph's symbolic batch; a reshape to (vectors.shape[0], N*N) lost it
+        # where the vectors come straight from the embedding (no dense features), and with it the fusion of the
+        # first-order product with its Add (models.embeddings.SharedMemoryEmbedding.forward).
+        flat = gram.flatten(1)
         if not torch.jit.is_scripting() and _in_onnx_export():
             # The same values, gathered as rows: ONNX Runtime's Gather along axis 1 copies one float at a
             # time, along axis 0 one contiguous row of B floats per pair, and the two transposes cost less

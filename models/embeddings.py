@@ -251,7 +251,11 @@ class SharedMemoryEmbedding(nn.Module):
         starts, stored = self.block_starts(keys)  # (B, F, T): row of M per block
         rows = self.memory[: self.rows_floats].view(self.num_starts, self.block_size)  # (m // Z, Z)
         vectors = rows[starts]  # (B, F, T, Z)
-        return vectors.reshape(-1, self.num_fields, self.embedding_dim), stored  # (B, F, D)
+        # The batch as the vectors' own first dimension, not -1: ONNX Runtime reads that reshape as (0, F, D) and
+        # keeps the graph's symbolic batch, without which it cannot prove that a first-order product and the Add
+        # after it have one shape, and leaves them unfused (one to three nodes more a graph;
+        # tests/export/test_exporter.py::test_first_order_products_fuse_into_gemm).
+        return vectors.reshape(vectors.shape[0], self.num_fields, self.embedding_dim), stored  # (B, F, D)
 
     def memory_parts(self) -> dict[str, int]:
         return {

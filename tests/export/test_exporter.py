@@ -19,7 +19,7 @@ import export.graphs
 from export.bundle import RUNTIME_FILES, Bundle, BundleError, latest_bundles, load_bundle
 from export.exporter import ParityError, export_run, next_version
 from export.graphs import script_model
-from export.onnx_runtime import cpu_session
+from export.onnx_runtime import cpu_session, session_options
 from export.parity import data_cases
 from models.checkpoint import memory_accounting, save_run
 from models.schema import KEY_MASK, FeatureSchema, transform_dense
@@ -495,3 +495,17 @@ def test_dynamo_exporter_gives_the_same_scores(kind: str, tiny_runs: dict[str, T
     out = _score_all(bundle, run, dense, keys)
     np.testing.assert_allclose(out["onnx"][0], out["eager"][0], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out["onnx"][1], out["eager"][1])
+
+
+@pytest.mark.parametrize("kind", ["full", "hash", "lma"])
+def test_first_order_products_fuse_into_gemm(kind: str, bundles: dict[str, Bundle], tmp_path: Path) -> None:
+    """ONNX Runtime fuses every matrix product of the first-order terms with the Add after it into one Gemm.
+
+    It fuses only where it can prove the Add's two inputs have the same batch dimension: the shared-memory
+    embedding's vectors must keep the graph's symbolic batch (a reshape to (-1, F, D) gave them a new one, and
+    the lma and hash graphs ran three nodes more than they need at every batch size)."""
+    options = session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    cpu_session(bundles[kind].file("onnx"), options=options)
+    graph = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    assert [n.name for n in graph.node if n.op_type == "MatMul"] == []
