@@ -36,7 +36,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help="closed loop: also the default configuration on its v2 route, raw values as binary BYTES tensors",
     )  # fmt: skip
     p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
-    p.add_argument("--rounds", type=int, default=2, help="closed-loop rounds, servers alternating (default 2)")
+    p.add_argument("--rounds", type=int, default=4, help="closed-loop rounds, servers alternating (default 4)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per request kind (default 1)")
     p.add_argument("--concurrency", default="16,64", help="closed-loop connection counts (default 16,64)")

@@ -37,7 +37,9 @@ class BenchConfig:
         model_dir: a bundle, a model folder of versions, or a one-model repository (None: build the demo).
         workers: the worker counts of the project's server configurations (0: its default, one per core).
         reference: also measure the reference server (:mod:`loadtest.bench.reference`) side by side.
-        rounds: closed-loop rounds; every cell is measured once per round, configurations alternating.
+        rounds: closed-loop rounds; every cell is measured once per round, configurations alternating. Four by
+            default: on this 2-core VM one round's project/reference ratio ranged 1.35x-2.41x within a run
+            (docs/BENCHMARKS.md, the run of 3bb6f8e), and a median of four keeps one bad round out of the ratio.
         rate_fractions: open-loop rates as fractions of each configuration's open-loop capacity (the highest
             Poisson rate it sustains, found before its open-loop runs).
         deadlines_ms: the LMA_REQUEST_TIMEOUT_MS of the open-loop runs (None: the server's default).
@@ -52,7 +54,7 @@ class BenchConfig:
     variants: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     v2_binary: bool = False  # closed loop: also the default configuration on its v2 route, binary BYTES tensors
     runtime: str = "onnx"
-    rounds: int = 2
+    rounds: int = 4
     duration_s: float = 5.0
     warmup_s: float = 1.0
     concurrency: tuple[int, ...] = (16, 64)
