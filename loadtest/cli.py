@@ -1,6 +1,6 @@
 """`lma bench` (registered through the lma.commands entry point): the benchmark harness of loadtest/bench.py.
 
-lma bench                                              # demo model, default and 1 worker, ~5 minutes
+lma bench                                              # demo model, default and 1 worker, about 6 minutes (5m49s here)
 lma bench --model-dir artifacts/demo --reference --out docs/BENCHMARKS.md
 """
 
