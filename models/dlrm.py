@@ -131,7 +131,6 @@ class DotInteraction(nn.Module):
         super().__init__()
         rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
         self.register_buffer("flat_index", rows * num_vectors + cols)
-        self.num_vectors = num_vectors
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         gram = torch.bmm(vectors, vectors.transpose(1, 2))  # (B, N, N)

@@ -503,7 +503,7 @@ def test_first_order_products_fuse_into_gemm(kind: str, bundles: dict[str, Bundl
 
     It fuses only where it can prove the Add's two inputs have the same batch dimension: the shared-memory
     embedding's vectors must keep the graph's symbolic batch (a reshape to (-1, F, D) gave them a new one, and
-    the lma and hash graphs ran three nodes more than they need at every batch size)."""
+    the lma and hash graphs ran up to three nodes more than they need at every batch size)."""
     options = session_options(1)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     cpu_session(bundles[kind].file("onnx"), options=options)
