@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -42,7 +42,7 @@ from server.http import (
 from server.logs import configure_logging
 from server.metrics import Metrics, multiprocess_dir
 from server.protocols.native import routes as native_routes
-from server.protocols.routing import ROUTE, TICKET, RouteTable, admit, openapi_paths
+from server.protocols.routing import ROUTE, TICKET, RouteTable, ScoringRoute, admit, openapi_paths
 from server.protocols.v2 import routes as v2_routes
 from server.registry import ModelRegistry
 from server.routes import admin
@@ -50,6 +50,7 @@ from server.routes import metrics as metrics_routes
 from server.settings import Settings, load_settings
 
 log = logging.getLogger("lma.server")
+Respond = Callable[[Reply, str], Awaitable[None]]  # writes a scoring request's reply (request id given)
 
 
 # How long start-up waits for the Redis channel to catch up with the published versions before it
@@ -112,29 +113,14 @@ class LmaApp(FastAPI):
         if scope["type"] != "http":
             await super().__call__(scope, receive, self._lifespan_send(send) if scope["type"] == "lifespan" else send)
             return
-        start = time.perf_counter()
-        request_id = client_request_id(scope["headers"]) or new_request_id()
-        logs.request_id.set(request_id)  # this request's own task (context): every log line of it carries the id
-        ctx = RequestContext(request_id)
-        id_header = (b"x-request-id", request_id.encode("ascii"))
         matched = scope.pop(ROUTE, None) or self.routes_table.match(scope)  # the protocol may have matched it
         if matched is not None:
-            route, params = matched
-            try:
-                if scope["method"] != "POST":
-                    raise HttpError("Method Not Allowed", 405, headers={"Allow": "POST"})
-                reply = await route.serve(self.state.engine, ctx, params, scope, receive, self)
-            except ServingError as e:
-                reply = Reply.error(e, route.protocol)
-            except Exception:
-                log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-                reply = Reply.error(internal_error(request_id), route.protocol)
-            try:
-                await reply.send(send, id_header)
-            finally:
-                self.recorder.finish(scope["method"], route.template, ctx, reply.status, time.perf_counter() - start)
+            await self.serve_scoring(scope, receive, matched, lambda reply, request_id: reply.send(send, request_id))
             return
+        start = time.perf_counter()
+        ctx = _begin(scope)
         scope["lma"] = ctx
+        id_header = (b"x-request-id", ctx.request_id.encode("ascii"))
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -147,13 +133,36 @@ class LmaApp(FastAPI):
         try:
             await super().__call__(scope, receive, send_with_id)
         except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            log.exception("unhandled error", extra={"fields": {"request_id": ctx.request_id}})
             if status == 0:
-                reply = Reply.error(internal_error(request_id), protocol_of(scope))
-                await reply.send(send, id_header)
+                reply = Reply.error(internal_error(ctx.request_id), protocol_of(scope))
+                await reply.send(send, ctx.request_id)
             status = status or 500
         template = getattr(scope.get("route"), "path", "unmatched")
         self.recorder.finish(scope["method"], template, ctx, status, time.perf_counter() - start)
+
+    async def serve_scoring(
+        self, scope: Scope, receive: Receive, matched: tuple[ScoringRoute, dict[str, str]], respond: Respond
+    ) -> None:
+        """The wrapper of a scoring request: its reply (an error too) goes out through ``respond(reply, request_id)``,
+        then the request is counted, timed and logged. ``respond`` writes ASGI messages (:meth:`__call__`) or, on the
+        server's own HTTP protocol, the whole response at once (:mod:`server.http_protocol`)."""
+        start = time.perf_counter()
+        ctx = _begin(scope)
+        route, params = matched
+        try:
+            if scope["method"] != "POST":
+                raise HttpError("Method Not Allowed", 405, headers={"Allow": "POST"})
+            reply = await route.serve(self.state.engine, ctx, params, scope, receive, self)
+        except ServingError as e:
+            reply = Reply.error(e, route.protocol)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": ctx.request_id}})
+            reply = Reply.error(internal_error(ctx.request_id), route.protocol)
+        try:
+            await respond(reply, ctx.request_id)
+        finally:
+            self.recorder.finish(scope["method"], route.template, ctx, reply.status, time.perf_counter() - start)
 
     def admit_early(self, scope: Scope, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes | None:
         """Admission as the headers arrive (:mod:`server.http_protocol`): None to go on, or the refusal to write.
@@ -181,6 +190,14 @@ class LmaApp(FastAPI):
             return reply.http11(default_headers, ctx.request_id, keep_alive)
         except Exception:
             return None  # the request goes the usual way, which logs what went wrong
+
+
+def _begin(scope: Scope) -> RequestContext:
+    """A request's context: its id (the client's, when safe, else a new one), which every log line of the request's
+    task (context) carries from here on."""
+    request_id = client_request_id(scope["headers"]) or new_request_id()
+    logs.request_id.set(request_id)
+    return RequestContext(request_id)
 
 
 SCORING_ROUTES = RouteTable((*native_routes.SCORING, *v2_routes.SCORING))

@@ -296,8 +296,10 @@ class Reply:
         lines += (b"\r\n", self.body)
         return b"".join(lines)
 
-    async def send(self, send: Send, extra: tuple[bytes, bytes]) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": [*self.raw_headers(), extra]})
+    async def send(self, send: Send, request_id: str) -> None:
+        """As ASGI messages, with ``X-Request-ID``."""
+        headers = [*self.raw_headers(), (b"x-request-id", request_id.encode("ascii"))]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
 
 

@@ -2,7 +2,7 @@
 
 ``lma serve`` runs uvicorn with ``http=LmaHttpProtocol`` (``uvicorn --factory server.app:app_from_env
 --http server.http_protocol:LmaHttpProtocol`` does the same). Without it the app works the same way, only
-dearer under load. Three changes, each measured (docs/BENCHMARKS.md):
+dearer under load. Four changes, each measured (docs/BENCHMARKS.md):
 
 1. **The arrival time.** A request's deadline counts from when its first bytes were read
    (``scope["lma.arrival"]``), less the event loop's current lag (how long ready sockets wait to be read),
@@ -16,6 +16,11 @@ dearer under load. Three changes, each measured (docs/BENCHMARKS.md):
 3. **One write per response.** uvicorn writes the status line and headers, then the body, with two
    ``transport.write`` calls: two syscalls and two TCP segments on keep-alive connections for every
    answer. The headers are held back and sent with the body (:class:`_Corked`).
+4. **Scoring replies without ASGI messages.** An admitted scoring request runs the app's scoring wrapper
+   (:meth:`server.app.LmaApp.serve_scoring`, the one every server runs) in its own task on uvicorn's request
+   cycle, as any request does, and its reply is written whole as the wrapper hands it over
+   (:func:`_write_reply`): not as two ASGI messages that uvicorn's generic ``send`` checks header by header.
+   Everything else about the cycle is uvicorn's: the body, disconnects, pipelining, keep-alive, draining.
 
 It depends on uvicorn's internals of the version range pyproject.toml admits; tests/server/test_http_protocol.py
 runs it through real uvicorn.
@@ -24,14 +29,19 @@ runs it through real uvicorn.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 import urllib.parse
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from server.protocols.routing import ARRIVAL, BODY_READ
+from server.http import Reply
+from server.protocols.routing import ARRIVAL, BODY_READ, ROUTE
+
+log = logging.getLogger("lma.server")
 
 
 class _Corked:
@@ -71,16 +81,47 @@ class _Corked:
         return getattr(self.transport, name)
 
 
-def _early_admission(app: Any) -> Any:
-    """The app's ``admit_early`` hook, looked through uvicorn's middleware wrappers (``.app``), or None."""
+def _lma_app(app: Any) -> Any:
+    """The app that has the scoring hooks (``admit_early``, ``serve_scoring``), looked for through uvicorn's
+    middleware wrappers (``.app``), or None."""
     for _ in range(8):
-        hook = getattr(app, "admit_early", None)
-        if hook is not None:
-            return hook
+        if hasattr(app, "admit_early") and hasattr(app, "serve_scoring"):
+            return app
         app = getattr(app, "app", None)
         if app is None:
             return None
     return None
+
+
+async def _write_reply(cycle: RequestResponseCycle, reply: Reply, request_id: str) -> None:
+    """``reply`` as the whole response of ``cycle``, in one write; what uvicorn's ``send`` does once a response is
+    complete (keep-alive, the next pipelined request) follows."""
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected:
+        return
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.transport.write(reply.http11(cycle.default_headers, request_id, cycle.keep_alive))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+
+
+async def _run_scoring(cycle: RequestResponseCycle, serve: Any, matched: Any) -> None:
+    """uvicorn's ``run_asgi`` for a scoring request: the app's scoring wrapper, which answers every error itself."""
+    try:
+        await serve(cycle.scope, cycle.receive, matched, functools.partial(_write_reply, cycle))
+    except BaseException as exc:  # as run_asgi: an answer the wrapper could not give is a 500 or a closed connection
+        log.error("unhandled error answering a scoring request", exc_info=exc)
+        if not cycle.response_started:
+            await cycle.send_500_response()
+        else:
+            cycle.transport.close()
+    finally:
+        cycle.on_response = lambda: None
 
 
 class LmaHttpProtocol(HttpToolsProtocol):
@@ -88,7 +129,9 @@ class LmaHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._admit_early = _early_admission(self.app)
+        app = _lma_app(self.app)
+        self._admit_early: Any = None if app is None else app.admit_early
+        self._serve_scoring: Any = None if app is None else app.serve_scoring
         self._refused = False
 
     def on_message_begin(self) -> None:
@@ -101,10 +144,22 @@ class LmaHttpProtocol(HttpToolsProtocol):
         idle = previous is None or previous.response_complete  # answers go out in order: only when none pending
         if idle and self._admit_early is not None and self._refuse_early():
             return
+        scoring = ROUTE in self.scope and self._serve_scoring is not None  # its reply is one write anyway
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not previous and cycle is not None:
+        if cycle is not previous and cycle is not None and not scoring:
             cycle.transport = _Corked(self.transport)  # type: ignore[assignment]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        matched = cycle.scope.pop(ROUTE, None)  # type: ignore[misc]
+        if matched is None or self._serve_scoring is None or getattr(self.config, "reset_contextvars", False):
+            if matched is not None:
+                cycle.scope[ROUTE] = matched  # type: ignore[literal-required]
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(_run_scoring(cycle, self._serve_scoring, matched))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def _refuse_early(self) -> bool:
         scope: Any = self.scope

@@ -1,6 +1,7 @@
 """The server's HTTP protocol (server/http_protocol.py) through real uvicorn: admission as the headers arrive,
-refusals that never read the body, one write per response, 100-continue, keep-alive after a refusal; and the
-access log, written by its own thread."""
+refusals that never read the body, one write per response, 100-continue, keep-alive after a refusal, scoring
+replies written whole (the same bytes as under stock uvicorn), pipelining; and the access log, written by its
+own thread."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from server.app import build_app
 from tests.helpers.serving import Bundles, LiveServer, instance, make_repo, settings_for
@@ -21,27 +23,36 @@ PREDICT = "/v1/models/criteo:predict"
 
 
 @pytest.fixture(scope="module")
-def live(bundles: Bundles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    repo = make_repo(tmp_path_factory.mktemp("protocol-repo"), bundles.criteo_v1)
+def repo(bundles: Bundles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("protocol-repo"), bundles.criteo_v1)
+
+
+@pytest.fixture(scope="module")
+def live(repo: Path) -> Iterator[LiveServer]:
     # a lone request waits up to 300 ms for company: a deadline under that cannot be met
     with LiveServer(build_app(settings_for(repo, max_wait_ms=300, access_log=True))) as server:
         yield server
 
 
-def _read_response(s: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+def _read_response(
+    s: socket.socket, timeout: float = 10.0, buffer: bytearray | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """The next response on ``s``; bytes read past its end stay in ``buffer`` for the next call (pipelining)."""
     s.settimeout(timeout)
-    data = b""
+    data = bytearray() if buffer is None else buffer
     while b"\r\n\r\n" not in data:
         chunk = s.recv(65536)
         if not chunk:
-            raise AssertionError(f"connection closed after {data!r}")
+            raise AssertionError(f"connection closed after {bytes(data)!r}")
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    end = data.index(b"\r\n\r\n")
+    lines = data[:end].decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        body += s.recv(65536)
+    while len(data) < end + 4 + length:
+        data += s.recv(65536)
+    body = bytes(data[end + 4 : end + 4 + length])
+    del data[: end + 4 + length]
     return int(lines[0].split()[1]), headers, body
 
 
@@ -173,3 +184,71 @@ def test_the_access_log_is_written_off_the_event_loop(live: LiveServer, caplog: 
     )  # fmt: skip
     assert fields["duration_ms"] > 0 and "parse_ms" in fields and "model_ms" in fields
     assert "t0" not in json.dumps(fields)  # never the payload (instance tokens are t0..t49)
+
+
+def _scoring_requests() -> list[bytes]:
+    ok = json.dumps({"instances": [instance(), instance(1)]}).encode()
+    bad = json.dumps({"instances": [{"dense": [1.0]}]}).encode()
+    return [
+        _request_head(len(ok), extra="X-Request-ID: same-1\r\n") + ok,  # 200
+        _request_head(len(bad), extra="X-Request-ID: same-2\r\n") + bad,  # 422, the error contract's message
+        _request_head(2, extra="X-Request-ID: same-3\r\n").replace(b"criteo:", b"nope:") + b"{}",  # 404
+        f"GET {PREDICT} HTTP/1.1\r\nHost: x\r\nX-Request-ID: same-4\r\n\r\n".encode(),  # 405
+    ]
+
+
+def _whole_answer(port: int, request: bytes) -> bytes:
+    """The whole answer to ``request`` (alone on a connection that it closes), its Date header taken out."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+        s.settimeout(10)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"date:")) + b"|" + body
+
+
+def test_scoring_replies_are_the_bytes_stock_uvicorn_sends(live: LiveServer, repo: Path) -> None:
+    """The protocol writes a scoring reply itself (not as ASGI messages): status line, headers in their order,
+    connection: close and body are what uvicorn's own HTTP protocol makes of the app's messages."""
+    with LiveServer(build_app(settings_for(repo, max_wait_ms=300)), http="httptools") as stock:
+        for request in _scoring_requests():
+            ours, theirs = _whole_answer(live.port, request), _whole_answer(stock.port, request)
+            assert ours == theirs
+            assert ours.split(b" ", 2)[1] in (b"200", b"422", b"404", b"405")
+
+
+def test_scoring_replies_are_not_asgi_messages(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    send = RequestResponseCycle.send
+
+    async def counted(self: RequestResponseCycle, message: object) -> None:
+        sent.append(self.scope["path"])
+        await send(self, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RequestResponseCycle, "send", counted)
+    with httpx.Client(base_url=live.url) as client:
+        assert client.post(PREDICT, json={"instances": [instance()]}).status_code == 200
+        assert client.post(PREDICT, json={"instances": []}).status_code == 422
+        assert client.get("/v2/health/ready").status_code == 200
+    assert sent == ["/v2/health/ready", "/v2/health/ready"]  # FastAPI's routes: start and body, as ASGI
+
+
+def test_pipelined_requests_are_answered_in_order(live: LiveServer) -> None:
+    body = json.dumps({"instances": [instance(2)]}).encode()
+    requests = [
+        _request_head(len(body), extra="X-Request-ID: p-1\r\n") + body,
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Request-ID: p-2\r\n\r\n",
+        _request_head(len(body), extra="X-Request-ID: p-3\r\n") + body,
+        _request_head(len(body), timeout_ms=50, extra="X-Request-ID: p-4\r\n") + body,  # unmeetable: 503
+    ]
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(b"".join(requests))  # one write: the server reads them all before it answers the first
+        buffer = bytearray()
+        answers = [_read_response(s, buffer=buffer) for _ in requests]
+    assert [(status, headers["x-request-id"]) for status, headers, _ in answers] == [
+        (200, "p-1"), (200, "p-2"), (200, "p-3"), (503, "p-4"),
+    ]  # fmt: skip
+    assert json.loads(answers[0][2]) == json.loads(answers[2][2])  # the same row, the same score
+    assert json.loads(answers[1][2]) == {"ready": True}
