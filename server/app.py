@@ -87,8 +87,8 @@ class LmaApp(FastAPI):
 
     The wrapper makes the request id, renders errors (:meth:`server.http.Reply.error`), adds
     ``X-Request-ID``, counts, times and logs the request (:class:`server.http.RequestRecorder`). It serves
-    the scoring routes of :data:`SCORING_ROUTES` itself (:meth:`server.protocols.routing.ScoringRoute.serve`)
-    and hands every other request to FastAPI's routing.
+    the scoring routes of :data:`SCORING_ROUTES` itself (:meth:`serve_scoring`, which the server's HTTP protocol
+    also calls directly: :mod:`server.http_protocol`) and hands every other request to FastAPI's routing.
     """
 
     routes_table: RouteTable

@@ -1,11 +1,11 @@
-"""HTTP plumbing of every route: the one request wrapper, the one reply (and error) renderer, body reading.
+"""HTTP plumbing of every route: the one request wrapper's parts, the one reply (and error) renderer, body reading.
 
-:class:`RequestWrapper` runs around every HTTP request the app serves, scoring routes and FastAPI routes
-alike: it gives the request its id (the client's ``X-Request-ID`` when it is a safe token, else a new
-one), turns a :class:`~server.errors.ServingError` into its status and body (:meth:`Reply.error`; an
-unexpected exception into a logged 500), adds ``X-Request-ID`` to the response, counts and times the
-request (:class:`RequestRecorder`) and formats its access-log line, which a background thread writes
-(:class:`AccessLog`).
+The request wrapper (:class:`server.app.LmaApp`: ``__call__``, and ``serve_scoring`` for the scoring routes) runs
+around every HTTP request the app serves, scoring routes and FastAPI routes alike. With the parts here, it gives
+the request its id (the client's ``X-Request-ID`` when it is a safe token, else a new one), turns a
+:class:`~server.errors.ServingError` into its status and body (:meth:`Reply.error`; an unexpected exception into a
+logged 500), adds ``X-Request-ID`` to the response, counts and times the request (:class:`RequestRecorder`) and
+formats its access-log line, which a background thread writes (:class:`AccessLog`).
 """
 
 from __future__ import annotations
