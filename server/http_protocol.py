@@ -21,6 +21,8 @@ dearer under load. Four changes, each measured (docs/BENCHMARKS.md):
    cycle, as any request does, and its reply is written whole as the wrapper hands it over
    (:func:`_write_reply`): not as two ASGI messages that uvicorn's generic ``send`` checks header by header.
    Everything else about the cycle is uvicorn's: the body, disconnects, pipelining, keep-alive, draining.
+   uvicorn's own wrappers of the app (proxy headers, trace logging) are not run for these requests; the
+   scoring wrapper reads neither the client address nor the scheme.
 
 It depends on uvicorn's internals of the version range pyproject.toml admits; tests/server/test_http_protocol.py
 runs it through real uvicorn.
