@@ -159,10 +159,14 @@ class LmaApp(FastAPI):
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": ctx.request_id}})
             reply = Reply.error(internal_error(ctx.request_id), route.protocol)
+        status = reply.status
         try:
             await respond(reply, ctx.request_id)
+        except Exception:
+            status = 500  # the server's own answer to a reply it could not send (uvicorn's, or a closed connection)
+            raise
         finally:
-            self.recorder.finish(scope["method"], route.template, ctx, reply.status, time.perf_counter() - start)
+            self.recorder.finish(scope["method"], route.template, ctx, status, time.perf_counter() - start)
 
     def admit_early(self, scope: Scope, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes | None:
         """Admission as the headers arrive (:mod:`server.http_protocol`): None to go on, or the refusal to write.

@@ -102,9 +102,10 @@ async def _write_reply(cycle: RequestResponseCycle, reply: Reply, request_id: st
         await cycle.flow.drain()
     if cycle.disconnected:
         return
+    data = reply.http11(cycle.default_headers, request_id, cycle.keep_alive)  # before the cycle counts as started
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
-    cycle.transport.write(reply.http11(cycle.default_headers, request_id, cycle.keep_alive))
+    cycle.transport.write(data)
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from server.app import build_app
+from server.http import Reply
 from tests.helpers.serving import Bundles, LiveServer, instance, make_repo, settings_for
 
 PREDICT = "/v1/models/criteo:predict"
+PREDICT_ROUTE = "/v1/models/{name}:predict"
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +255,31 @@ def test_pipelined_requests_are_answered_in_order(live: LiveServer) -> None:
     ]  # fmt: skip
     assert json.loads(answers[0][2]) == json.loads(answers[2][2])  # the same row, the same score
     assert json.loads(answers[1][2]) == {"ready": True}
+
+
+def test_a_reply_that_cannot_be_written_is_a_500_and_the_server_serves_on(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http11 = Reply.http11
+
+    def failing(self: Reply, *args: object) -> bytes:
+        if b"predictions" in self.body:
+            raise RuntimeError("cannot render")
+        return http11(self, *args)  # type: ignore[arg-type]
+
+    before = _requests_total(live, "500")
+    with monkeypatch.context() as patch:
+        patch.setattr(Reply, "http11", failing)
+        r = httpx.post(f"{live.url}{PREDICT}", json={"instances": [instance()]})
+        assert (r.status_code, r.text) == (500, "Internal Server Error")  # uvicorn's, as for any app that fails
+    assert _requests_total(live, "500") == before + 1  # counted as what the client got
+    r = httpx.post(f"{live.url}{PREDICT}", json={"instances": [instance()]})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+
+
+def _requests_total(live: LiveServer, code: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{live.url}/metrics").text):
+        for s in family.samples:
+            if s.name == "lma_requests_total" and s.labels == {"code": code, "model": "criteo", "route": PREDICT_ROUTE}:
+                return s.value
+    return 0.0
