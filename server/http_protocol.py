@@ -147,19 +147,19 @@ class LmaHttpProtocol(HttpToolsProtocol):
         idle = previous is None or previous.response_complete  # answers go out in order: only when none pending
         if idle and self._admit_early is not None and self._refuse_early():
             return
-        scoring = ROUTE in self.scope and self._serve_scoring is not None  # its reply is one write anyway
+        scoring = ROUTE in self.scope  # admitted early, so its reply is written whole (_start_asgi_task)
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous and cycle is not None and not scoring:
             cycle.transport = _Corked(self.transport)  # type: ignore[assignment]
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        matched = cycle.scope.pop(ROUTE, None)  # type: ignore[misc]
-        if matched is None or self._serve_scoring is None or getattr(self.config, "reset_contextvars", False):
-            if matched is not None:
-                cycle.scope[ROUTE] = matched  # type: ignore[literal-required]
+        # ROUTE is only ever set by the early admission, so the app has serve_scoring; with reset_contextvars the
+        # request goes the ASGI way (LmaApp.__call__ takes the match from the scope)
+        if ROUTE not in cycle.scope or getattr(self.config, "reset_contextvars", False):
             super()._start_asgi_task(cycle, app)
             return
+        matched = cycle.scope.pop(ROUTE)  # type: ignore[misc]
         task = self.loop.create_task(_run_scoring(cycle, self._serve_scoring, matched))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
